@@ -1,0 +1,1 @@
+"""Structured ops: plain references, CPU (torch) paths, Triton kernels, torch.library ops."""

@@ -1,0 +1,101 @@
+"""The SS1 structured hash (spec/ss1.md): which parameter of ``P`` each entry of ``W`` reads.
+
+Every SS1 implementation in structfx (reference, CPU path, Triton kernels, ONNX function,
+projection) derives its indices from the functions here, so they agree by construction.
+
+Names follow the spec: ``W`` is ``(K, N)`` (in_features, out_features), ``P`` is
+``(N, K_red)``; ``c`` is the compression, ``BK`` / ``BN`` the structure block sizes.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+VEC = 8
+DEFAULT_BLOCK_K = 32
+DEFAULT_BLOCK_N = 64
+
+
+def hash_coeffs(seed: int) -> tuple[int, int, int, int]:
+    """``(R0, R1, R2, R3)`` for a layer's seed. Small positive ints (runtime kernel args)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    r = torch.randint(1, 1 << 15, (4,), generator=gen)
+    return tuple(int(v) for v in r)
+
+
+def reduced_k(K: int, c: int, block_k: int = DEFAULT_BLOCK_K) -> int:
+    """``K_red = ceil(K / (c * BK)) * BK``: the width of ``P``."""
+    return -(-K // (c * block_k)) * block_k
+
+
+def check_config(K: int, N: int, c: int, block_k: int, block_n: int) -> None:
+    """Raise a ValueError naming the problem if an SS1 layer config is unusable."""
+    if not isinstance(c, int) or isinstance(c, bool) or c < 1:
+        raise ValueError(f"SS1 compression must be an integer >= 1, got {c!r}")
+    if K < 1 or N < 1:
+        raise ValueError(f"SS1 needs in_features, out_features >= 1, got K={K}, N={N}")
+    if block_k < VEC or block_k % VEC:
+        raise ValueError(f"SS1 block_k must be a positive multiple of {VEC}, got {block_k}")
+    if block_n < 1:
+        raise ValueError(f"SS1 block_n must be >= 1, got {block_n}")
+
+
+def rotation(t, u, j, coeffs: tuple[int, int, int, int], block_k: int):
+    """``s(t, u, j)``: the cyclic rotation of chunk ``i = t*c + u`` in column block ``j``.
+
+    Works on ints and on integer tensors (broadcasting)."""
+    R0, R1, R2, R3 = coeffs
+    return (VEC * (R3 + R2 * j + R1 * (t + 1) + R0 * (u + 1))) % block_k
+
+
+@functools.lru_cache(maxsize=64)
+def _weight_index(K: int, N: int, c: int, seed: int, block_k: int, block_n: int) -> torch.Tensor:
+    K_red = reduced_k(K, c, block_k)
+    coeffs = hash_coeffs(seed)
+    k = torch.arange(K).view(K, 1)
+    n = torch.arange(N).view(1, N)
+    i, v = k // block_k, k % block_k
+    t, u = i // c, i % c
+    s = rotation(t, u, n // block_n, coeffs, block_k)
+    col = t * block_k + (v - s) % block_k
+    return n * K_red + col  # (K, N), flat index into P (N, K_red)
+
+
+def weight_index(K: int, N: int, c: int, seed: int, block_k: int = DEFAULT_BLOCK_K,
+                 block_n: int = DEFAULT_BLOCK_N) -> torch.Tensor:
+    """``(K, N)`` int64 tensor: ``W[k, n] = P.flatten()[index[k, n]]``. Cached; do not modify."""
+    check_config(K, N, c, block_k, block_n)
+    return _weight_index(K, N, c, int(seed), block_k, block_n)
+
+
+def dense_weight(P: torch.Tensor, K: int, c: int, seed: int, block_k: int = DEFAULT_BLOCK_K,
+                 block_n: int = DEFAULT_BLOCK_N) -> torch.Tensor:
+    """Materialize ``W`` ``(K, N)`` from ``P`` ``(N, K_red)``: the plain reference of the hash."""
+    N = P.shape[0]
+    idx = weight_index(K, N, c, seed, block_k, block_n).to(P.device)
+    return P.reshape(-1)[idx]
+
+
+@functools.lru_cache(maxsize=64)
+def _sketch_index(K: int, N: int, c: int, seed: int, block_k: int, block_n: int) -> torch.Tensor:
+    K_red = reduced_k(K, c, block_k)
+    coeffs = hash_coeffs(seed)
+    n_blocks = -(-N // block_n)
+    j = torch.arange(n_blocks).view(n_blocks, 1, 1)
+    u = torch.arange(c).view(1, c, 1)
+    col = torch.arange(K_red).view(1, 1, K_red)
+    t, w = col // block_k, col % block_k
+    s = rotation(t, u, j, coeffs, block_k)
+    k = (t * c + u) * block_k + (w + s) % block_k
+    return torch.where(k < K, k, K)  # K points at a zero column appended to x
+
+
+def sketch_index(K: int, N: int, c: int, seed: int, block_k: int = DEFAULT_BLOCK_K,
+                 block_n: int = DEFAULT_BLOCK_N) -> torch.Tensor:
+    """``(n_blocks, c, K_red)`` int64: ``sketch_j(x)[:, col] = sum_u x_pad[:, index[j, u, col]]``.
+
+    ``x_pad`` is ``x`` with one zero column appended (index ``K``) standing for every padded
+    row of ``W``. Cached; do not modify."""
+    check_config(K, N, c, block_k, block_n)
+    return _sketch_index(K, N, c, int(seed), block_k, block_n)

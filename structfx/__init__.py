@@ -1,0 +1,17 @@
+"""structfx: replace dense Linear layers with BLAST / SS1 structured matrices.
+
+    compiled = torch.compile(model, backend="structfx")          # rewrite + inductor
+    model_s  = structfx.compress(model, example_inputs, config)   # eager, trainable factors
+    print(structfx.last_report())                                 # per-layer table
+"""
+from .kernels import ops as _ops  # registers torch.ops.structfx.*
+from .layers import BlastLinear, SS1Linear
+from .config import Config
+from .report import LayerDecision, Report, last_report
+from .passes.factorize_blast import factorize_blast
+from .passes.project_ss1 import project_ss1
+from .compress import compress
+from .backend import backend
+
+__all__ = ["BlastLinear", "SS1Linear", "Config", "Report", "LayerDecision", "last_report",
+           "factorize_blast", "project_ss1", "compress", "backend"]

@@ -1,0 +1,122 @@
+"""``structfx.Report``: what the pipeline decided for every linear layer, and the totals.
+
+Built from the pipeline's ``LayerDecision`` records, never re-derived. ``print(report)`` shows a
+table a person can read at a glance; ``report.to_json()`` gives the same numbers for tools.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from tabulate import tabulate
+
+
+@dataclass
+class LayerDecision:
+    name: str
+    shape: tuple[int, int]                 # (out_features, in_features)
+    tokens: int
+    dense_mflops: float
+    structure: str                         # "dense", "blast", "ss1"
+    settings: str                          # "b=4 r=96", "c=2", "" ...
+    params: int                            # weight params kept (bias excluded)
+    dense_params: int
+    weight_error: Optional[float] = None
+    output_error: Optional[float] = None   # on the example inputs (held-out calibration rows)
+    predicted_speedup: Optional[float] = None
+    measured_speedup: Optional[float] = None
+    skip: Optional[str] = None             # why it stayed dense
+
+    @property
+    def params_kept(self) -> float:
+        return self.params / self.dense_params if self.dense_params else 1.0
+
+
+@dataclass
+class Report:
+    layers: list[LayerDecision] = field(default_factory=list)
+    device: str = ""
+    model_params_before: Optional[int] = None
+    model_params_after: Optional[int] = None
+    dense_flops: Optional[int] = None          # linear layers, at the example token counts
+    structured_flops: Optional[int] = None
+    predicted_speedup: Optional[float] = None  # linear layers, by the cost model
+    measured_speedup: Optional[float] = None   # whole model, when measured
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def replaced(self) -> list[LayerDecision]:
+        return [d for d in self.layers if d.structure != "dense"]
+
+    def table(self) -> str:
+        rows = []
+        for d in self.layers:
+            rows.append([
+                d.name, f"{d.shape[0]}x{d.shape[1]}", d.tokens, f"{d.dense_mflops:.1f}",
+                d.structure if not d.settings else f"{d.structure} {d.settings}",
+                f"{d.params_kept:.0%}", _num(d.weight_error), _num(d.output_error),
+                _x(d.predicted_speedup), _x(d.measured_speedup), d.skip or "",
+            ])
+        head = ["layer", "shape", "tokens", "dense MFLOPs", "structure", "params kept",
+                "weight err", "output err", "pred. speedup", "meas. speedup", "skipped because"]
+        return tabulate(rows, head, tablefmt="simple", disable_numparse=True)
+
+    def totals(self) -> str:
+        lin_dense = sum(d.dense_params for d in self.layers)
+        lin_kept = sum(d.params for d in self.layers)
+        lines = [f"linear layers: {len(self.replaced)} of {len(self.layers)} replaced; "
+                 f"weights {lin_kept:,} of {lin_dense:,} ({_pct(lin_kept, lin_dense)})"]
+        if self.model_params_before is not None and self.model_params_after is not None:
+            lines.append(f"model parameters: {self.model_params_after:,} of "
+                         f"{self.model_params_before:,} "
+                         f"({_pct(self.model_params_after, self.model_params_before)})")
+        if self.dense_flops:
+            lines.append(f"linear FLOPs: {self.structured_flops / 1e6:,.1f} M of "
+                         f"{self.dense_flops / 1e6:,.1f} M "
+                         f"({_pct(self.structured_flops, self.dense_flops)})")
+        if self.predicted_speedup is not None:
+            lines.append(f"predicted speedup of the linear layers ({self.device}): "
+                         f"{self.predicted_speedup:.2f}x")
+        if self.measured_speedup is not None:
+            lines.append(f"measured model speedup: {self.measured_speedup:.2f}x")
+        return "\n".join(lines + self.notes)
+
+    def __str__(self) -> str:
+        return f"structfx report\n{self.table()}\n\n{self.totals()}"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for row, layer in zip(d["layers"], self.layers):
+            row["params_kept"] = layer.params_kept
+        return d
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+
+def _num(v: Optional[float]) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def _x(v: Optional[float]) -> str:
+    return "" if v is None else f"{v:.2f}x"
+
+
+def _pct(a: int, b: int) -> str:
+    return f"{a / b:.1%}" if b else "n/a"
+
+
+_LAST: Optional[Report] = None
+
+
+def last_report() -> Optional[Report]:
+    """The report of the most recent compile / compress in this process."""
+    return _LAST
+
+
+def set_last_report(report: Report) -> None:
+    global _LAST
+    _LAST = report
