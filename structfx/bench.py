@@ -1,0 +1,312 @@
+"""``python -m structfx.bench ops``: time the structured ops against dense ``F.linear``.
+
+For each shape ``n x m`` (in_features x out_features; the dense weight is ``(m, n)``) and token
+count ``T``, one process on the current device (CUDA if available, else CPU) times:
+
+- dense ``F.linear``;
+- low rank at equal parameters: two ``F.linear``, ``r = floor(rho m n / (m + n))``;
+- BLAST via ``torch.ops.structfx.blast_linear`` for each ``b`` in ``--blocks``,
+  ``r = floor(rho m n / (m + n + b^2))``; the table shows the fastest ``b``;
+- SS1 via ``torch.ops.structfx.ss1_linear`` at ``c = round(1 / rho)``, default block sizes;
+- on CUDA (or with ``--compiled-ref``), ``torch.compile`` of the plain bmm BLAST
+  (``blast_forward_torch``) at the ``b`` the op was fastest with: what a user gets without
+  structfx's kernels.
+
+ratio = dense time / structured time (> 1: faster than dense). CUDA times are
+``triton.testing.do_bench`` medians (L2 flushed); CPU times are medians over repeats after a
+warm-up, with a time budget per measurement. See notes/performance.md, "Measuring honestly".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+from structfx.kernels import ss1_hash
+from structfx.kernels.blast_torch import blast_forward_torch
+
+MEMORY_FRACTION = 0.25  # skip a cell whose x + y + weights exceed this share of device memory
+
+
+@dataclass
+class Cell:
+    """Timings (ms) of one (shape, T) cell; ``None`` where a method failed or was not run."""
+    n: int
+    m: int
+    tokens: int
+    dense_ms: Optional[float] = None
+    lowrank_rank: int = 0
+    lowrank_ms: Optional[float] = None
+    blast_rank: dict[int, int] = field(default_factory=dict)
+    blast_ms: dict[int, Optional[float]] = field(default_factory=dict)
+    ss1_compression: int = 1
+    ss1_ms: Optional[float] = None
+    compiled_ms: Optional[float] = None
+    compiled_b: Optional[int] = None
+
+    @property
+    def best_b(self) -> Optional[int]:
+        timed = {b: t for b, t in self.blast_ms.items() if t is not None}
+        return min(timed, key=timed.get) if timed else None
+
+
+# ----------------------------------------------------------------------------- environment
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
+def device_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def parse_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+# ----------------------------------------------------------------------------- timing
+def time_cpu(fn: Callable[[], object], budget_s: float, min_reps: int = 5) -> float:
+    """Median ms after one warm-up call, over repeats until ``budget_s`` is spent (5..1000).
+
+    A time budget rather than a fixed count: cheap calls get many samples, so a few that lose
+    the CPU to another process do not move the median."""
+    fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 1000 and (len(times) < min_reps or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def time_cuda(fn: Callable[[], object]) -> float:
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def measure(fn, device, budget_s, label: str, notes: list[str]) -> Optional[float]:
+    """Time ``fn``; a failure becomes a footnote and an empty cell, not a crash."""
+    try:
+        with torch.inference_mode():
+            return time_cuda(fn) if device.type == "cuda" else time_cpu(fn, budget_s)
+    except Exception as e:  # noqa: BLE001  (any kernel failure: report it, keep going)
+        notes.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+        return None
+
+
+# ----------------------------------------------------------------------------- one cell
+def randn(*shape, scale: float, device, dtype) -> torch.Tensor:
+    # Random, O(1) outputs: values do not change the timing, but zeros, infs or denormals could.
+    return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+
+def bench_cell(n: int, m: int, T: int, args, device, dtype, notes: list[str]) -> Cell:
+    rho, budget = args.params, args.budget
+    mk = lambda *s, fan: randn(*s, scale=fan ** -0.5, device=device, dtype=dtype)  # noqa: E731
+    cell = Cell(n=n, m=m, tokens=T)
+    label = f"{n}x{m} T={T}"
+    x = randn(T, n, scale=1.0, device=device, dtype=dtype)
+
+    W = mk(m, n, fan=n)
+    cell.dense_ms = measure(lambda: F.linear(x, W), device, budget, f"{label} dense", notes)
+    del W
+
+    r = max(1, math.floor(rho * m * n / (m + n)))
+    A, B = mk(r, n, fan=n), mk(m, r, fan=r)
+    cell.lowrank_rank = r
+    cell.lowrank_ms = measure(lambda: F.linear(F.linear(x, A), B), device, budget,
+                              f"{label} low-rank", notes)
+    del A, B
+
+    factors = {}
+    for b in args.blocks:
+        if b > min(m, n):
+            continue
+        r = max(1, math.floor(rho * m * n / (m + n + b * b)))
+        p, q = -(-m // b), -(-n // b)
+        U, S, V = mk(b, p, r, fan=r), mk(b, b, r, fan=b), mk(b, q, r, fan=n)
+        cell.blast_rank[b] = r
+        cell.blast_ms[b] = measure(
+            lambda: torch.ops.structfx.blast_linear(x, U, S, V, None, m), device, budget,
+            f"{label} BLAST b={b}", notes)
+        factors[b] = (U, S, V)
+
+    c = max(1, round(1 / rho))
+    P = mk(m, ss1_hash.reduced_k(n, c), fan=n)
+    cell.ss1_compression = c
+    cell.ss1_ms = measure(
+        lambda: torch.ops.structfx.ss1_linear(x, P, None, c, 0, ss1_hash.DEFAULT_BLOCK_K,
+                                              ss1_hash.DEFAULT_BLOCK_N),
+        device, budget, f"{label} SS1", notes)
+    del P
+
+    b = cell.best_b
+    if args.compiled_ref and b is not None:
+        torch._dynamo.reset()  # a fresh compile per cell: no recompile limit, no stale guards
+        compiled = torch.compile(blast_forward_torch, dynamic=False)
+        U, S, V = factors[b]
+        cell.compiled_b = b
+        cell.compiled_ms = measure(lambda: compiled(x, U, S, V, None, m), device, budget,
+                                   f"{label} compiled reference b={b}", notes)
+    return cell
+
+
+# ----------------------------------------------------------------------------- table
+def fmt(ms: Optional[float], dense: Optional[float], b: Optional[int] = None) -> str:
+    if ms is None:
+        return "n/a"
+    text = f"{ms:.4g} / " + (f"{dense / ms:.3g}" if dense is not None else "n/a")
+    return text + (f" (b={b})" if b is not None else "")
+
+
+def table(cells: list[Cell], args) -> str:
+    headers = ["shape", "T", "dense ms", "low-rank ms / ratio", "BLAST ms / ratio (b)",
+               "SS1 ms / ratio"]
+    if args.compiled_ref:
+        headers.append("compiled ref ms / ratio (b)")
+    if args.all_blocks:
+        headers += [f"BLAST b={b}" for b in args.blocks]
+    rows = []
+    for c in cells:
+        b = c.best_b
+        row = [f"{c.n}x{c.m}", c.tokens, "n/a" if c.dense_ms is None else f"{c.dense_ms:.4g}",
+               fmt(c.lowrank_ms, c.dense_ms),
+               fmt(c.blast_ms.get(b), c.dense_ms, b) if b is not None else "n/a",
+               fmt(c.ss1_ms, c.dense_ms)]
+        if args.compiled_ref:
+            row.append(fmt(c.compiled_ms, c.dense_ms, c.compiled_b))
+        if args.all_blocks:
+            row += [fmt(c.blast_ms.get(bb), c.dense_ms) for bb in args.blocks]
+        rows.append(row)
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+# ----------------------------------------------------------------------------- ops command
+QUICK = dict(shapes="256x256,256x512", tokens="1,16", blocks="1,2,4", budget=0.01)
+CPU_DEFAULT = dict(shapes="1024x1024,2048x2048", tokens="1,16,64,256,4096")
+CUDA_DEFAULT = dict(shapes="2048x2048,4096x4096", tokens="1,16,256,4096")
+
+
+def ops(args) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = parse_dtype(args.dtype, device)
+    interpreted = [mod for mod in ("blast_triton", "ss1_triton")
+                   if f"structfx.kernels.{mod}" in sys.modules]
+    if device.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
+        # structfx.kernels defaults it to 1 for CPU runs; timing interpreted kernels on a GPU
+        # would be meaningless. Triton reads it when a kernel module is first imported.
+        os.environ["TRITON_INTERPRET"] = "0"
+        if interpreted:
+            print(f"warning: {interpreted} already imported with TRITON_INTERPRET=1; "
+                  "their times are the interpreter's")
+    defaults = {**(CUDA_DEFAULT if device.type == "cuda" else CPU_DEFAULT),
+                "blocks": "1,2,4,8,16", "budget": 0.25, **(QUICK if args.quick else {})}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+    tokens = [int(t) for t in args.tokens.split(",")]
+    args.blocks = [int(b) for b in str(args.blocks).split(",")]
+    args.budget = float(args.budget)
+    if args.compiled_ref is None:
+        args.compiled_ref = device.type == "cuda" and not args.quick  # compiling takes minutes
+
+    header = (f"device: {device_name(device)} | torch {torch.__version__} | "
+              f"threads {torch.get_num_threads()} | dtype {str(dtype).removeprefix('torch.')} | "
+              f"params {args.params:g} of dense")
+    print(header, flush=True)
+    limit = MEMORY_FRACTION * device_memory(device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    cells, notes, skipped = [], [], []
+    t_start = time.perf_counter()
+    for n, m in shapes:
+        for T in tokens:
+            if (T * n + T * m + m * n) * itemsize > limit:
+                skipped.append(f"{n}x{m} T={T}")
+                continue
+            cells.append(bench_cell(n, m, T, args, device, dtype, notes))
+    elapsed = time.perf_counter() - t_start
+
+    print(table(cells, args))
+    print(f"ratio = dense ms / structured ms (> 1: faster than dense). "
+          f"low-rank r = floor(rho*m*n/(m+n)); BLAST r = floor(rho*m*n/(m+n+b*b)), "
+          f"fastest b of {args.blocks}; SS1 c = {max(1, round(1 / args.params))}.")
+    if args.compiled_ref:
+        print("compiled ref: torch.compile of the bmm BLAST (blast_forward_torch) at the op's "
+              "fastest b.")
+    for s in skipped:
+        print(f"skipped {s}: x + y + weights exceed {MEMORY_FRACTION:.0%} of "
+              f"{device.type} memory")
+    for note in notes:
+        print(f"failed {note}")
+    print(f"benchmark time: {elapsed:.1f} s")
+
+    result = {"device": device_name(device), "device_type": device.type,
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "dtype": str(dtype).removeprefix("torch."), "params": args.params,
+              "command": " ".join(["python -m structfx.bench"] + sys.argv[1:]),
+              "cells": [asdict(c) | {"best_b": c.best_b} for c in cells],
+              "skipped": skipped, "failures": notes, "seconds": elapsed}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m structfx.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ops", help="time dense / low-rank / BLAST / SS1 linear layers")
+    p.add_argument("--shapes", help="n x m (in x out) list, e.g. 2048x2048,4096x11008")
+    p.add_argument("--tokens", help="token counts T, e.g. 1,16,256,4096")
+    p.add_argument("--params", type=float, default=0.5, help="fraction of dense params kept")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--blocks", help="BLAST block counts b to try (default 1,2,4,8,16)")
+    p.add_argument("--all-blocks", action="store_true", help="one column per b as well")
+    p.add_argument("--compiled-ref", action=argparse.BooleanOptionalAction, default=None,
+                   help="time torch.compile of the bmm BLAST (default: on CUDA only)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--budget", type=float, help="CPU seconds per measurement (default 0.25)")
+    p.add_argument("--quick", action="store_true", help="tiny grid that runs in seconds")
+    p.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
+    p.set_defaults(func=ops)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None):
+    args = build_parser().parse_args(argv)
+    if not 0 < args.params <= 1:
+        raise SystemExit(f"--params must be in (0, 1], got {args.params}")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    main()
