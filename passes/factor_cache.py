@@ -1,0 +1,88 @@
+"""Factor cache: a weight is factorized once per setting, across recompiles and processes.
+
+Keyed by the weight's content hash plus the factorization settings. In memory for the life of
+the process (a recompile for a new batch size, or a graph break, finds its factors here), and on
+disk as safetensors when a ``cache_dir`` is given. Hashing reads the whole weight, so a
+``(storage, _version)`` fast path remembers the hash of tensors already seen.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Callable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def content_hash(t: torch.Tensor) -> str:
+    data = t.detach().contiguous().cpu()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{tuple(data.shape)}|{data.dtype}".encode())
+    h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return h.hexdigest()
+
+
+class FactorCache:
+    def __init__(self):
+        self._memory: dict[str, dict] = {}
+        self._hashes: dict[tuple, str] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def _weight_hash(self, w: torch.Tensor) -> str:
+        fast = (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape),
+                tuple(w.stride()), w.dtype, w._version)
+        if fast not in self._hashes:
+            self._hashes[fast] = content_hash(w)
+        return self._hashes[fast]
+
+    def key(self, weight: torch.Tensor, settings: dict) -> str:
+        s = json.dumps(settings, sort_keys=True, default=str)
+        return hashlib.blake2b(f"{self._weight_hash(weight)}|{s}".encode(),
+                               digest_size=16).hexdigest()
+
+    def get_or_compute(self, weight: torch.Tensor, settings: dict,
+                       compute: Callable[[], dict], cache_dir: Optional[str] = None) -> dict:
+        """``compute()`` returns ``{"tensors": {name: Tensor}, "meta": {name: float|None}}``."""
+        k = self.key(weight, settings)
+        entry = self._memory.get(k)
+        if entry is None and cache_dir:
+            entry = _load(os.path.join(cache_dir, f"{k}.safetensors"), weight.device)
+        if entry is None:
+            self.misses += 1
+            entry = compute()
+            if cache_dir:
+                _save(os.path.join(cache_dir, f"{k}.safetensors"), entry, settings)
+        else:
+            self.hits += 1
+        self._memory[k] = entry
+        return entry
+
+    def clear(self) -> None:
+        self._memory.clear()
+        self._hashes.clear()
+
+
+def _save(path: str, entry: dict, settings: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in entry["tensors"].items()}
+    meta = {"meta": json.dumps(entry["meta"]), "settings": json.dumps(settings, default=str)}
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+
+
+def _load(path: str, device) -> Optional[dict]:
+    if not os.path.exists(path):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    tensors = {k: v.to(device) for k, v in load_file(path).items()}
+    return {"tensors": tensors, "meta": meta}
+
+
+GLOBAL_CACHE = FactorCache()
