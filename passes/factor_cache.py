@@ -2,14 +2,16 @@
 
 Keyed by the weight's content hash plus the factorization settings. In memory for the life of
 the process (a recompile for a new batch size, or a graph break, finds its factors here), and on
-disk as safetensors when a ``cache_dir`` is given. Hashing reads the whole weight, so a
-``(storage, _version)`` fast path remembers the hash of tensors already seen.
+disk as safetensors when a ``cache_dir`` is given. Hashing reads the whole weight, so the hash
+of a tensor already seen is remembered while that very tensor is alive and unmodified (a weak
+reference plus its ``_version``; an address alone could be reused by a new tensor).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -27,16 +29,20 @@ def content_hash(t: torch.Tensor) -> str:
 class FactorCache:
     def __init__(self):
         self._memory: dict[str, dict] = {}
-        self._hashes: dict[tuple, str] = {}
+        self._hashes: dict[int, tuple] = {}  # id -> (weakref, _version, shape, hash)
         self.hits = 0
         self.misses = 0
 
     def _weight_hash(self, w: torch.Tensor) -> str:
-        fast = (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape),
-                tuple(w.stride()), w.dtype, w._version)
-        if fast not in self._hashes:
-            self._hashes[fast] = content_hash(w)
-        return self._hashes[fast]
+        seen = self._hashes.get(id(w))
+        if seen is not None and seen[0]() is w and seen[1] == w._version and seen[2] == w.shape:
+            return seen[3]
+        h = content_hash(w)
+        try:
+            self._hashes[id(w)] = (weakref.ref(w), w._version, w.shape, h)
+        except TypeError:  # not weak-referenceable: just don't remember it
+            pass
+        return h
 
     def key(self, weight: torch.Tensor, settings: dict) -> str:
         s = json.dumps(settings, sort_keys=True, default=str)
@@ -48,15 +54,16 @@ class FactorCache:
         """``compute()`` returns ``{"tensors": {name: Tensor}, "meta": {name: float|None}}``."""
         k = self.key(weight, settings)
         entry = self._memory.get(k)
-        if entry is None and cache_dir:
-            entry = _load(os.path.join(cache_dir, f"{k}.safetensors"), weight.device)
+        path = os.path.join(cache_dir, f"{k}.safetensors") if cache_dir else None
+        if entry is None and path:
+            entry = _load(path, weight.device)
         if entry is None:
             self.misses += 1
             entry = compute()
-            if cache_dir:
-                _save(os.path.join(cache_dir, f"{k}.safetensors"), entry, settings)
         else:
             self.hits += 1
+        if path and not os.path.exists(path):
+            _save(path, entry, settings)
         self._memory[k] = entry
         return entry
 

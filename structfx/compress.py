@@ -81,6 +81,8 @@ def compress(model: nn.Module, example_inputs: Any, config: Optional[Config] = N
     compressed model on ``example_inputs`` for the report. ``model`` and its weights are left
     untouched; the result owns copies of everything it keeps, and its ``BlastLinear`` /
     ``SS1Linear`` submodules are trainable and sit at the original layers' paths.
+    The graph is captured in the mode ``model`` is in (dropout / batch-norm behaviour is fixed
+    at capture time, as with ``torch.export``); ``.train()`` only makes the factors trainable.
     """
     config = config or Config()
     args = _as_args(example_inputs)
@@ -97,6 +99,9 @@ def compress(model: nn.Module, example_inputs: Any, config: Optional[Config] = N
     pipeline.apply(gm.graph, plans, layers, root=gm)
     _detach_from(gm, model)
     gm.recompile()
+    # torch.export's unlifted module refuses .train()/.eval(); a plain GraphModule over the same
+    # graph (same submodules, same pytree in/out handling) is an ordinary trainable module.
+    gm = fx.GraphModule(gm, gm.graph, class_name="StructfxModule")
 
     report = pipeline.make_report(plans, layers, device)
     report.model_params_before, report.model_params_after = _count(model), _count(gm)
