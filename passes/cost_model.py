@@ -8,7 +8,8 @@ their times add; for one kernel this is the plain ``max(flops / peak, bytes / ba
     memory_k  = bytes_k / (bandwidth * stream_k)
 
 - ``eff_k``: small GEMMs run below peak (tiles padded, tensor cores / SIMD lanes idle), so tiny
-  blocks look as slow as they are: ``clamp(d / knee, floor, 1)`` on each GEMM dimension.
+  blocks look as slow as they are: the product of ``clamp(d / knee, floor, 1)`` over the GEMM
+  dimensions (GPU), or that factor of the smallest dimension alone (CPU).
 - ``bytes_k``: weights, activations and every intermediate the op writes and reads back
   (BLAST's ``z``: ``b*r`` values per token; SS1's re-read input): the traffic that makes a
   structured layer memory bound at large T (notes/performance.md).
@@ -89,6 +90,7 @@ class DeviceProfile:
     gemm_knee: int = 128                # tensor-core tiles are 64-128 wide
     gemm_floor: float = 0.0
     vector_flops: float = 0.0           # FLOP/s off the tensor cores (fp32 CUDA cores)
+    gemm_eff_rule: str = "product"      # "product" of per-dimension factors, or "min" (CPU)
 
 
 # Datasheet figures (dense, no sparsity; "float32" is TF32 on tensor cores). Real GEMMs reach
@@ -121,10 +123,13 @@ _NAME_KEYS = (("h200", "H200"), ("h100", "H100 SXM"), ("a100", "A100 80GB"),
 
 # CPU constants, fitted on a 2-vCPU AMD EPYC (Zen 3) VM against F.linear vs blast_linear
 # timings (fp32, n = m = 1024 / 2048, T = 1..256, b = 1..16 at 50% params; weights cold; mean
-# |log(predicted / measured speedup)| 0.09): CPU GEMMs reach ~half of peak at T ~ 12 and never
-# drop below ~15% (vector units busy on the weight stream); bmm at small T streams its weights
-# at about half the bandwidth F.linear's GEMV path reaches (measured 11 vs 17 GB/s at T = 1).
-_CPU_KNEE, _CPU_FLOOR = 24, 0.15
+# |log(predicted / measured speedup)| 0.09), then refitted with small layers added (256..3072
+# wide, r = 62..512, T = 64..512: mean error 0.30 -> 0.09): a CPU GEMM runs at the pace of
+# its smallest dimension (BLAST's r ~ 60 stages are what lose at 256 wide), reaching full
+# speed at ~128 and never dropping below ~15% (vector units busy on the weight stream); bmm
+# at small T streams its weights at about half the bandwidth F.linear's GEMV path reaches
+# (measured 11 vs 17 GB/s at T = 1).
+_CPU_KNEE, _CPU_FLOOR = 128, 0.15
 _CPU_BMM_STREAM = 0.5
 
 
@@ -161,7 +166,7 @@ def cpu_profile() -> DeviceProfile:
     call -= 3 * overhead
     return DeviceProfile("cpu", peak, bandwidth, overhead, kind="cpu",
                          call_overhead_s=max(call, 0.0), gemm_knee=_CPU_KNEE,
-                         gemm_floor=_CPU_FLOOR)
+                         gemm_floor=_CPU_FLOOR, gemm_eff_rule="min")
 
 
 def _last_level_cache_bytes() -> int:
@@ -250,6 +255,8 @@ class CostModel:
     # ------------------------------------------------------------------ the roofline
     def _eff(self, *dims: int) -> float:
         p = self.profile
+        if p.gemm_eff_rule == "min":
+            return min(1.0, max(p.gemm_floor, min(dims) / p.gemm_knee))
         out = 1.0
         for d in dims:
             out *= min(1.0, max(p.gemm_floor, d / p.gemm_knee))

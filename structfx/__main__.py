@@ -1,7 +1,8 @@
 """``python -m structfx demo``: compress and compile a small transformer, print the report.
 
-The default model is a 4-layer BERT (hidden 256) built offline from a transformers config with
-random weights (no download). Random weights are the hard case for compression (no structure
+The default model is a 4-layer BERT (hidden 512) built offline from a transformers config with
+random weights (no download); the candidate grid is trimmed (blocks 2 and 4, three ranks) so
+the whole demo runs in about a minute on two CPU cores. Random weights are the hard case for compression (no structure
 to find), so the errors shown are an upper bound; examples/minilm.py runs real weights.
 """
 from __future__ import annotations
@@ -42,7 +43,9 @@ def demo(args) -> None:
     model = small_bert(args.hidden, args.layers)
     ids = torch.randint(0, 1000, (args.batch, args.seq))
     config = structfx.Config(structure=args.structure, params=args.params,
-                             min_params=args.min_params)
+                             min_params=args.min_params, blocks=(2, 4),
+                             rank_fractions=(0.375, 0.5, 0.625), compressions=(2, 3, 4),
+                             steps=args.steps, estimate_steps=5)
     print(f"model: BERT, {args.layers} layers, hidden {args.hidden} (random weights); "
           f"input {args.batch}x{args.seq} tokens; budget: {args.params:.0%} of linear params, "
           f"structure={args.structure}\n")
@@ -83,10 +86,11 @@ def main(argv=None) -> None:
     d = sub.add_parser("demo", help="compress + compile a small BERT and print the report")
     d.add_argument("--structure", default="blast", choices=["blast", "ss1", "lowrank", "auto"])
     d.add_argument("--params", type=float, default=0.5)
-    d.add_argument("--hidden", type=int, default=256)
+    d.add_argument("--hidden", type=int, default=512)
     d.add_argument("--layers", type=int, default=4)
-    d.add_argument("--batch", type=int, default=8)
-    d.add_argument("--seq", type=int, default=64)
+    d.add_argument("--batch", type=int, default=4)
+    d.add_argument("--steps", type=int, default=60, help="factorization iterations")
+    d.add_argument("--seq", type=int, default=128)
     d.add_argument("--min-params", type=int, default=16384)
     args = parser.parse_args(argv)
     if args.cmd == "demo":

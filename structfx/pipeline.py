@@ -79,17 +79,20 @@ def plan(sites: list[LinearSite], config: Config, dtype: Optional[torch.dtype] =
 def record_inputs(gm: fx.GraphModule, sites: Sequence[LinearSite],
                   batches: Sequence[Sequence], max_rows: int = 8192) -> dict[str, torch.Tensor]:
     """Input rows ``(N, in_features)`` each site sees when ``gm`` runs on ``batches``."""
-    watch = {s.x: s.name for s in sites}
+    watch: dict[fx.Node, list[str]] = {}
+    for s in sites:  # q, k and v projections read the same node
+        watch.setdefault(s.x, []).append(s.name)
     rows: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
 
     class Rec(fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
-            name = watch.get(n)
-            if name is not None and isinstance(out, torch.Tensor):
-                have = sum(r.shape[0] for r in rows[name])
-                if have < max_rows:
-                    rows[name].append(out.detach().reshape(-1, out.shape[-1])[: max_rows - have])
+            if n in watch and isinstance(out, torch.Tensor):
+                flat = out.detach().reshape(-1, out.shape[-1])
+                for name in watch[n]:
+                    have = sum(r.shape[0] for r in rows[name])
+                    if have < max_rows:
+                        rows[name].append(flat[: max_rows - have])
             return out
 
     with torch.no_grad():
