@@ -19,6 +19,11 @@ from .match import LinearSite
 from .project_ss1 import project_ss1
 
 
+def weight_key(weight: torch.Tensor, cache: FactorCache = GLOBAL_CACHE) -> str:
+    """Content hash of a weight (memoized while the tensor is alive and unchanged)."""
+    return cache._weight_hash(weight)
+
+
 def layer_seed(seed: int, name: str) -> int:
     """Every SS1 layer gets its own hash seed, derived from the config's seed and its name."""
     return zlib.crc32(f"{seed}:{name}".encode()) & 0x7FFFFFFF

@@ -7,11 +7,11 @@
 from .kernels import ops as _ops  # registers torch.ops.structfx.*
 from .layers import BlastLinear, SS1Linear
 from .config import Config
-from .report import LayerDecision, Report, last_report
+from .report import LayerDecision, Report, clear_reports, last_report, reports
 from .passes.factorize_blast import factorize_blast
 from .passes.project_ss1 import project_ss1
 from .compress import compress
 from .backend import backend
 
 __all__ = ["BlastLinear", "SS1Linear", "Config", "Report", "LayerDecision", "last_report",
-           "factorize_blast", "project_ss1", "compress", "backend"]
+           "reports", "clear_reports", "factorize_blast", "project_ss1", "compress", "backend"]

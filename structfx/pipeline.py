@@ -35,9 +35,42 @@ class Plan:
 
 
 # ----------------------------------------------------------------------------- cost + select
+# Decisions already taken in this process, per (weight content, config): a graph compiled
+# again for new shapes (decode after prefill, a new batch size, a graph break that splits the
+# model differently) keeps its layers' structures instead of choosing, and factorizing, anew.
+_DECISIONS: dict[tuple[str, str], tuple[Candidate, float, Optional[str]]] = {}
+_NOT_DECISIONS = ("report", "progress", "strict", "on_stale", "cache_dir", "measure")
+
+
+def _decision_key(site: LinearSite, config: Config) -> tuple[str, str]:
+    import dataclasses
+
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_DECISIONS}
+    return factorize.weight_key(site.linear_weight), repr(sorted(settings.items()))
+
+
+def _recall(plans: list[Plan], model: CostModel, config: Config) -> bool:
+    """Reuse earlier decisions if every eligible site of this graph has one."""
+    active = [p for p in plans if p.site.skip is None]
+    if not active:
+        return False
+    found = [_DECISIONS.get(_decision_key(p.site, config)) for p in active]
+    if any(f is None for f in found):
+        return False
+    for p, (cand, err, skip) in zip(active, found):
+        m, n, t = p.site.out_features, p.site.in_features, p.site.tokens
+        if cand.structure == "blast":
+            p.chosen = model.blast(m, n, t, cand.blocks, cand.rank)
+        elif cand.structure == "ss1":
+            p.chosen = model.ss1(m, n, t, cand.compression)
+        p.error_estimate, p.site.skip = err, skip
+    return True
+
+
 def plan(sites: list[LinearSite], config: Config, dtype: Optional[torch.dtype] = None
          ) -> tuple[list[Plan], str]:
-    """Cost every candidate of every eligible site, estimate its error, pick under the budget."""
+    """Cost every candidate of every eligible site, estimate its error, pick under the budget
+    (or reuse the choices made for the same weights and config earlier in this process)."""
     profile = device_profile(config.device)
     active = [s for s in sites if s.skip is None]
     if dtype is None:
@@ -48,6 +81,8 @@ def plan(sites: list[LinearSite], config: Config, dtype: Optional[torch.dtype] =
     for s in sites:
         dense = model.dense(s.out_features, s.in_features, s.tokens)
         plans.append(Plan(site=s, dense=dense, chosen=dense))
+    if _recall(plans, model, config):
+        return plans, profile.name
     work = [(p, model.candidates(p.site.out_features, p.site.in_features, p.site.tokens, config))
             for p in plans if p.site.skip is None]
     total = sum(len(c) - 1 for _, c in work)
@@ -72,6 +107,8 @@ def plan(sites: list[LinearSite], config: Config, dtype: Optional[torch.dtype] =
             p.chosen, p.error_estimate = cands[k], errs[k]
             if k == 0 and p.site.skip is None:
                 p.site.skip = "kept dense by the budget"
+    for p, _, _ in candidate_lists:
+        _DECISIONS[_decision_key(p.site, config)] = (p.chosen, p.error_estimate, p.site.skip)
     return plans, profile.name
 
 

@@ -110,6 +110,8 @@ def _pct(a: int, b: int) -> str:
 
 
 _LAST: Optional[Report] = None
+_ALL: list[Report] = []
+_KEEP = 256
 
 
 def last_report() -> Optional[Report]:
@@ -117,6 +119,21 @@ def last_report() -> Optional[Report]:
     return _LAST
 
 
+def reports() -> list[Report]:
+    """Every report since the last ``clear_reports()`` (oldest first; the last 256 kept). A
+    ``torch.compile`` with graph breaks, or a model run at new shapes (prefill, then decode),
+    compiles several graphs: one report each."""
+    return list(_ALL)
+
+
+def clear_reports() -> None:
+    global _LAST
+    _LAST = None
+    _ALL.clear()
+
+
 def set_last_report(report: Report) -> None:
     global _LAST
     _LAST = report
+    _ALL.append(report)
+    del _ALL[:-_KEEP]

@@ -290,3 +290,31 @@ def test_calibrated_compress_reports_held_out_error():
 
     assert err(aware) < 0.8 * err(plain)
     assert row.output_error == pytest.approx(err(aware), rel=0.5)
+
+
+def test_prefill_and_decode_graphs_share_decisions_and_factors(monkeypatch):
+    from structfx.passes import factorize
+
+    model = tiny_gpt2()
+    model.config.use_cache = True
+    torch._dynamo.reset()
+    structfx.clear_reports()
+    compiled = torch.compile(model, backend=structfx.backend(CFG))
+    prompt = torch.randint(0, 100, (2, 16))
+    with torch.no_grad():
+        out = compiled(input_ids=prompt, use_cache=True)
+        misses = GLOBAL_CACHE.misses
+        estimates = []
+        real = factorize.estimate_error
+        monkeypatch.setattr(factorize, "estimate_error",
+                            lambda *a, **k: estimates.append(1) or real(*a, **k))
+        nxt = out.logits[:, -1:].argmax(-1)
+        compiled(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+    reps = [r for r in structfx.reports() if r.layers]
+    assert len(reps) >= 2
+    first, last = reps[0], reps[-1]
+    assert {d.tokens for d in first.layers} != {d.tokens for d in last.layers}
+    assert ([(d.name, d.structure, d.settings) for d in first.layers]
+            == [(d.name, d.structure, d.settings) for d in last.layers])
+    assert GLOBAL_CACHE.misses == misses  # the decode graph factorized nothing new
+    assert not estimates                  # ... and did not choose again
