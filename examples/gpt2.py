@@ -20,6 +20,7 @@ import warnings
 import torch
 
 import structfx
+from common import generate
 
 
 def gpt2_small(layers: int, seed: int = 0):
@@ -29,26 +30,6 @@ def gpt2_small(layers: int, seed: int = 0):
     cfg = GPT2Config(n_embd=768, n_layer=layers, n_head=12, n_positions=1024,
                      attn_implementation="eager")
     return GPT2LMHeadModel(cfg).eval()
-
-
-@torch.no_grad()
-def generate(model, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float, float]:
-    """Greedy decoding with the KV cache; returns (tokens, prefill seconds, decode tokens/s)."""
-    sync = torch.cuda.synchronize if prompt.is_cuda else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    out = model(input_ids=prompt, use_cache=True)
-    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    sync()
-    t1 = time.perf_counter()
-    tokens = [nxt]
-    for _ in range(new_tokens - 1):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        tokens.append(nxt)
-    sync()
-    t2 = time.perf_counter()
-    return torch.cat(tokens, 1), t1 - t0, prompt.shape[0] * (new_tokens - 1) / (t2 - t1)
 
 
 def main(argv=None) -> None:

@@ -30,7 +30,7 @@ from .report import set_last_report
 def structfx_backend(gm: fx.GraphModule, example_inputs, *, options: Optional[dict] = None,
                      mode=None, **kwargs):
     """The ``"structfx"`` torch.compile backend."""
-    return _backend_with(Config.from_options(options))(gm, example_inputs)
+    return _backend_with(Config.from_options(options))(gm, example_inputs, mode=mode)
 
 
 def backend(config: Optional[Config] = None, **options) -> Callable:
@@ -41,17 +41,24 @@ def backend(config: Optional[Config] = None, **options) -> Callable:
 
 
 def _backend_with(config: Config) -> Callable:
-    def compile_with_structfx(gm: fx.GraphModule, example_inputs, **kwargs):
+    def compile_with_structfx(gm: fx.GraphModule, example_inputs, mode=None, **kwargs):
+        import functools
+
+        import torch._inductor
         from torch._inductor.compile_fx import compile_fx
 
+        # torch.compile(..., mode="reduce-overhead" | "max-autotune") reaches custom backends
+        # as ``mode``: hand it on to inductor as the config it stands for (CUDA graphs, ...).
+        patches = torch._inductor.list_mode_options(mode) if mode else {}
+        lower = functools.partial(compile_fx, config_patches=patches) if patches else compile_fx
         try:
-            return _compile(gm, list(example_inputs), config, compile_fx)
+            return _compile(gm, list(example_inputs), config, lower)
         except Exception as e:
             if config.strict:
                 raise
             warnings.warn(f"structfx: left this graph to plain inductor because "
                           f"{type(e).__name__}: {e}", stacklevel=2)
-            return compile_fx(gm, example_inputs)
+            return lower(gm, example_inputs)
 
     return compile_with_structfx
 

@@ -67,8 +67,11 @@ class Report:
     def totals(self) -> str:
         lin_dense = sum(d.dense_params for d in self.layers)
         lin_kept = sum(d.params for d in self.layers)
+        rep_dense = sum(d.dense_params for d in self.replaced)
+        rep_kept = sum(d.params for d in self.replaced)
         lines = [f"linear layers: {len(self.replaced)} of {len(self.layers)} replaced; "
-                 f"weights {lin_kept:,} of {lin_dense:,} ({_pct(lin_kept, lin_dense)})"]
+                 f"weights {lin_kept:,} of {lin_dense:,} ({_pct(lin_kept, lin_dense)}); "
+                 f"the replaced layers keep {_pct(rep_kept, rep_dense)} of theirs"]
         if self.model_params_before is not None and self.model_params_after is not None:
             lines.append(f"model parameters: {self.model_params_after:,} of "
                          f"{self.model_params_before:,} "
