@@ -1,6 +1,7 @@
 """``structfx.compress``: an eager, trainable copy of a model with structured linear layers."""
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any, Iterable, Optional
 
@@ -23,7 +24,9 @@ def capture(model: nn.Module, args: tuple) -> fx.GraphModule:
     where the model allows it. Its parameters are still the model's own tensors."""
     if isinstance(model, fx.GraphModule) and not any(
             n.op == "call_module" and n.target == "_guards_fn" for n in model.graph.nodes):
-        return model  # symbolic_trace graph: match works on its call_module nodes as is
+        # A symbolic_trace graph: match works on its call_module nodes as they are. Rewrite a
+        # copy (its submodules are the user's objects).
+        return copy.deepcopy(model)
     dyn = tuple({i: Dim.AUTO for i in range(a.dim())} if isinstance(a, torch.Tensor) else None
                 for a in args)
     try:
@@ -105,11 +108,29 @@ def compress(model: nn.Module, example_inputs: Any, config: Optional[Config] = N
 
     report = pipeline.make_report(plans, layers, device)
     report.model_params_before, report.model_params_after = _count(model), _count(gm)
+    report.model_output_error = model_output_error(model, gm, args)
     if measure:
         report.measured_speedup = _speedup(model, gm, args)
     set_last_report(report)
     gm.structfx_report = report
     return gm
+
+
+def _float_leaves(out) -> list[torch.Tensor]:
+    leaves = torch.utils._pytree.tree_leaves(
+        out.to_tuple() if hasattr(out, "to_tuple") else out)  # HF ModelOutput
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def model_output_error(dense: nn.Module, small: nn.Module, args: tuple) -> Optional[float]:
+    """``||small(x) - dense(x)|| / ||dense(x)||`` over the floating-point outputs."""
+    with torch.no_grad():
+        a, b = _float_leaves(dense(*args)), _float_leaves(small(*args))
+    if not a or len(a) != len(b):
+        return None
+    num = sum(float((y.double() - x.double()).pow(2).sum()) for x, y in zip(a, b))
+    den = sum(float(x.double().pow(2).sum()) for x in a)
+    return (num / den) ** 0.5 if den > 0 else None
 
 
 def _propagate_shapes(gm: fx.GraphModule, args: tuple, sites) -> None:

@@ -45,6 +45,7 @@ class Report:
     structured_flops: Optional[int] = None
     predicted_speedup: Optional[float] = None  # linear layers, by the cost model
     measured_speedup: Optional[float] = None   # whole model, when measured
+    model_output_error: Optional[float] = None  # whole model, relative, on the example inputs
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -83,6 +84,9 @@ class Report:
         if self.predicted_speedup is not None:
             lines.append(f"predicted speedup of the linear layers ({self.device}): "
                          f"{self.predicted_speedup:.2f}x")
+        if self.model_output_error is not None:
+            lines.append(f"model output error on the example inputs: "
+                         f"{self.model_output_error:.3g} (relative to the dense output)")
         if self.measured_speedup is not None:
             lines.append(f"measured model speedup: {self.measured_speedup:.2f}x")
         return "\n".join(lines + self.notes)

@@ -82,7 +82,10 @@ def test_compile_equals_compress_and_leaves_model_untouched(make, inputs):
     assert_untouched(model, before)
     # Same factors (cache) -> the compiled model computes what the compressed module does.
     assert rel(y_comp, y_small) < 1e-4
-    assert 0 < rel(y_small, y_dense) < 1.5
+    # The report states the model's error on the example inputs: compiled output is within it.
+    assert rep.model_output_error is not None and 0 < rep.model_output_error < 1.5
+    assert rel(y_small, y_dense) == pytest.approx(rep.model_output_error, rel=1e-3)
+    assert rel(y_comp, y_dense) <= rep.model_output_error * 1.01
     # Replaced layers are structured modules at their original paths, dense weights gone.
     names = {n for n, m in small.named_modules() if isinstance(m, (BlastLinear, SS1Linear))}
     assert names == {d.name for d in rep.replaced}
@@ -318,3 +321,14 @@ def test_prefill_and_decode_graphs_share_decisions_and_factors(monkeypatch):
             == [(d.name, d.structure, d.settings) for d in last.layers])
     assert GLOBAL_CACHE.misses == misses  # the decode graph factorized nothing new
     assert not estimates                  # ... and did not choose again
+
+
+def test_symbolic_trace_graph_is_matched_by_call_module():
+    model = mlp()
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(8, 128)
+    small = structfx.compress(traced, (x,), CFG)
+    rep = structfx.last_report()
+    assert {d.name for d in rep.replaced} == {"0", "2", "4"}
+    assert rel(small(x), model(x)) == pytest.approx(rep.model_output_error, rel=1e-3)
+    assert isinstance(traced.get_submodule("0"), nn.Linear)  # the traced input is untouched
