@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from ..kernels import ops as _ops  # noqa: F401  (registers torch.ops.structfx.*)
 from ..kernels import ss1_hash, ss1_torch
+from .factorize_blast import blast_rank_for_params
 
 
 @dataclass(frozen=True)
@@ -427,8 +428,7 @@ class CostModel:
 
 def blast_rank(m: int, n: int, blocks: tuple[int, int], fraction: float) -> int:
     """``r = floor(rho m n / (m + n + b1 b2))``, at least 1 (spec/blast.md)."""
-    b1, b2 = blocks
-    return max(1, math.floor(fraction * m * n / (m + n + b1 * b2)))
+    return blast_rank_for_params(m, n, blocks, fraction)
 
 
 def blast_params(m: int, n: int, blocks: tuple[int, int], rank: int) -> int:

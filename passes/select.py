@@ -90,9 +90,13 @@ def select(layers: Sequence[Sequence[Option]], *, params: Optional[float] = None
         smallest = sum(min(getattr(opts[k], name) for k in ks)
                        for opts, ks in zip(layers, allowed))
         if smallest > limit:
+            stuck = sum(len(opts) == 1 for opts in layers)
+            why = (f" {stuck} of {len(layers)} layers have no structured option (none "
+                   f"predicted faster than dense: force=True replaces them anyway);"
+                   if stuck else "")
             raise ValueError(
                 f"the {name} budget ({frac:g} of dense) can't be met: the smallest allowed "
-                f"options keep {smallest / dense:.3f} of the dense {name}. Add lower "
+                f"options keep {smallest / dense:.3f} of the dense {name}.{why} Add lower "
                 f"rank_fractions / higher compressions, or relax max_error")
         budgets.append((name, frac, limit, dense))
     if not layers:

@@ -24,20 +24,9 @@ def small_bert(hidden: int = 256, layers: int = 4, seed: int = 0):
     return BertModel(cfg, add_pooling_layer=False).eval()
 
 
-def _median_time(f, *args, repeats: int = 7) -> float:
-    with torch.no_grad():
-        f(*args)
-        f(*args)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            f(*args)
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def demo(args) -> None:
     import structfx
+    from structfx.timing import median_time
 
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     model = small_bert(args.hidden, args.layers)
@@ -68,11 +57,11 @@ def demo(args) -> None:
     print(f"torch.compile(backend=structfx): {time.perf_counter() - t0:.1f} s; "
           f"max |compiled - compress| = {(compiled_out - small_out).abs().max():.2e}")
 
-    t_dense = _median_time(lambda x: model(x), ids)
-    t_small = _median_time(lambda x: small(x), ids)
+    t_dense = median_time(lambda x: model(x), ids)
+    t_small = median_time(lambda x: small(x), ids)
     dense_compiled = torch.compile(model)
-    t_dc = _median_time(lambda x: dense_compiled(x), ids)
-    t_sc = _median_time(lambda x: compiled(x), ids)
+    t_dc = median_time(lambda x: dense_compiled(x), ids)
+    t_sc = median_time(lambda x: compiled(x), ids)
     print(f"\nCPU latency ({torch.get_num_threads()} threads), same process:")
     print(f"  eager:    dense {t_dense * 1e3:.1f} ms, structfx {t_small * 1e3:.1f} ms "
           f"-> {t_dense / t_small:.2f}x")

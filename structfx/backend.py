@@ -17,7 +17,6 @@ import os
 import warnings
 from typing import Callable, Optional
 
-import torch
 from torch import fx, nn
 
 from . import pipeline

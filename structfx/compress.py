@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import time
 from typing import Any, Iterable, Optional
 
 import torch
@@ -12,7 +11,8 @@ from torch.export import Dim
 from . import pipeline
 from .config import Config
 from .passes.match import match_linears
-from .report import Report, set_last_report
+from .report import set_last_report
+from .timing import median_time
 
 
 def _as_args(example_inputs: Any) -> tuple:
@@ -61,17 +61,8 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _speedup(a, b, args, repeats: int = 5) -> float:
-    def t(f):
-        with torch.no_grad():
-            f(*args)
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                f(*args)
-                times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
-    return t(a) / t(b)
+def _speedup(dense, small, args, repeats: int = 5) -> float:
+    return median_time(dense, *args, repeats=repeats) / median_time(small, *args, repeats=repeats)
 
 
 def compress(model: nn.Module, example_inputs: Any, config: Optional[Config] = None, *,

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .config import Config
 from .passes import factorize, rewrite
 from .passes.cost_model import Candidate, CostModel, device_profile
-from .passes.match import LinearSite, match_linears
+from .passes.match import LinearSite
 from .passes.select import Option, select
 from .report import LayerDecision, Report
 

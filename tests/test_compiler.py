@@ -1,6 +1,5 @@
 """The compiler: backend="structfx", compress(), matching, budget, cache, staleness, report."""
 import json
-import warnings
 
 import pytest
 import torch
