@@ -70,7 +70,7 @@ def demo(args) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m structfx")
+    parser = argparse.ArgumentParser(prog="structfx", description="structfx command line (also: python -m structfx)")
     sub = parser.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="compress + compile a small BERT and print the report")
     d.add_argument("--structure", default="blast", choices=["blast", "ss1", "lowrank", "auto"])
