@@ -209,8 +209,13 @@ def make_report(plans: list[Plan], layers: dict[str, tuple[nn.Module, dict]],
             params=c.params, dense_params=d.params,
             weight_error=meta.get("error") if p.replaced else None,
             output_error=meta.get("output_error") if p.replaced else None,
-            predicted_speedup=(d.time_s / c.time_s) if p.replaced and c.time_s > 0 else None,
+            predicted_speedup=(d.time_s / c.time_s) if p.replaced and c.time_s > 0
+            and not c.measured else None,
+            measured_speedup=(d.time_s / c.time_s) if p.replaced and c.time_s > 0
+            and c.measured and d.measured else None,
             skip=s.skip if not p.replaced else None))
+    if any(p.chosen.measured for p in plans):
+        device = f"{device}, candidates timed"
     return Report(layers=rows, device=device, dense_flops=dense_flops,
                   structured_flops=structured_flops,
                   predicted_speedup=(dense_time / structured_time) if structured_time else None)
