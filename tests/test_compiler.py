@@ -331,3 +331,17 @@ def test_symbolic_trace_graph_is_matched_by_call_module():
     assert {d.name for d in rep.replaced} == {"0", "2", "4"}
     assert rel(small(x), model(x)) == pytest.approx(rep.model_output_error, rel=1e-3)
     assert isinstance(traced.get_submodule("0"), nn.Linear)  # the traced input is untouched
+
+
+def test_measure_option_times_candidates_and_the_model():
+    model = mlp()
+    x = torch.randn(16, 128)
+    structfx.compress(model, (x,), CFG.replace(measure=True, blocks=(2,),
+                                               rank_fractions=(0.375,)), measure=True)
+    rep = structfx.last_report()
+    assert rep.replaced
+    for d in rep.replaced:
+        assert d.measured_speedup is not None and d.measured_speedup > 0
+        assert d.predicted_speedup is None
+    assert rep.measured_speedup is not None and rep.measured_speedup > 0
+    assert "timed" in rep.device and "measured model speedup" in str(rep)
