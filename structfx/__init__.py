@@ -2,6 +2,7 @@
 
     compiled = torch.compile(model, backend="structfx")          # rewrite + inductor
     model_s  = structfx.compress(model, example_inputs, config)   # eager, trainable factors
+    structfx.export_onnx(model_s, example_inputs, "m.onnx")       # runs in plain onnxruntime
     print(structfx.last_report())                                 # per-layer table
 """
 from .kernels import ops as _ops  # registers torch.ops.structfx.*
@@ -12,6 +13,8 @@ from .passes.factorize_blast import factorize_blast
 from .passes.project_ss1 import project_ss1
 from .compress import compress
 from .backend import backend
+from .export import export_onnx, onnx_session
 
 __all__ = ["BlastLinear", "SS1Linear", "Config", "Report", "LayerDecision", "last_report",
-           "reports", "clear_reports", "factorize_blast", "project_ss1", "compress", "backend"]
+           "reports", "clear_reports", "factorize_blast", "project_ss1", "compress", "backend",
+           "export_onnx", "onnx_session"]
