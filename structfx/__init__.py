@@ -4,6 +4,7 @@
     model_s  = structfx.compress(model, example_inputs, config)   # eager, trainable factors
     structfx.export_onnx(model_s, example_inputs, "m.onnx")       # runs in plain onnxruntime
     print(structfx.last_report())                                 # per-layer table
+    structfx.distill(model_s, model, calib_batches)               # recover fidelity
 """
 from .kernels import ops as _ops  # registers torch.ops.structfx.*
 from .layers import BlastLinear, SS1Linear
@@ -14,7 +15,8 @@ from .passes.project_ss1 import project_ss1
 from .compress import compress
 from .backend import backend
 from .export import export_onnx, onnx_session
+from .distillation import DistillResult, distill
 
 __all__ = ["BlastLinear", "SS1Linear", "Config", "Report", "LayerDecision", "last_report",
            "reports", "clear_reports", "factorize_blast", "project_ss1", "compress", "backend",
-           "export_onnx", "onnx_session"]
+           "export_onnx", "onnx_session", "distill", "DistillResult"]
