@@ -229,6 +229,30 @@ def _held_error(layer: nn.Module, stats: _Stats) -> float:
         return float((layer(x) - y).norm() / y.norm().clamp_min(1e-30))
 
 
+class _RelativeAdam:
+    """Adam with each parameter tensor's step size ``lr`` times its RMS (factors from
+    ``compress`` differ in scale by orders of magnitude) and cosine decay to 0 over ``steps``."""
+
+    def __init__(self, params: list, lr: float, steps: int):
+        self.opt = torch.optim.Adam(
+            [{"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-8))}
+             for p in params])
+        self.base = [g["lr"] for g in self.opt.param_groups]
+        self.steps = steps
+
+    def step(self, loss: torch.Tensor, t: int) -> None:
+        """Backward of ``loss`` and step ``t`` (0-based)."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        scale = 0.5 * (1 + math.cos(math.pi * t / self.steps))
+        for g, b in zip(self.opt.param_groups, self.base):
+            g["lr"] = b * scale
+        self.opt.step()
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+
 def _fit(layer: nn.Module, stats: _Stats, steps: int, lr: float) -> None:
     """Adam on ``layer``'s parameters, full batch on the virtual rows; step sizes relative to
     each parameter's RMS (factors from ``compress`` differ in scale by orders of magnitude),
@@ -236,10 +260,7 @@ def _fit(layer: nn.Module, stats: _Stats, steps: int, lr: float) -> None:
     Xv, Yv = _virtual_rows(stats)
     Xv, Yv = Xv.to(next(layer.parameters()).dtype), Yv.to(next(layer.parameters()).dtype)
     params = [p for p in layer.parameters() if p.requires_grad]
-    groups = [{"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-8))}
-              for p in params]
-    opt = torch.optim.Adam(groups)
-    base = [g["lr"] for g in groups]
+    opt = _RelativeAdam(params, lr, steps)
     norm = max(stats.yy, 1e-30)
     best, best_loss = None, math.inf
     with torch.enable_grad():
@@ -250,12 +271,7 @@ def _fit(layer: nn.Module, stats: _Stats, steps: int, lr: float) -> None:
                 best_loss, best = value, [p.detach().clone() for p in params]
             if t == steps or not math.isfinite(value):
                 break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            scale = 0.5 * (1 + math.cos(math.pi * t / steps))
-            for g, b in zip(opt.param_groups, base):
-                g["lr"] = b * scale
-            opt.step()
+            opt.step(loss, t)
     with torch.no_grad():
         for p, b in zip(params, best):
             p.copy_(b)
@@ -399,10 +415,7 @@ def _end_to_end(student: nn.Module, teacher: nn.Module, layers: dict[str, nn.Mod
     error relative to the teacher's output norm; step sizes relative to each parameter's RMS,
     cosine decay. Returns the steps taken."""
     params = [p for layer in layers.values() for p in layer.parameters() if p.requires_grad]
-    groups = [{"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt().clamp_min(1e-8))}
-              for p in params]
-    opt = torch.optim.Adam(groups)
-    base = [g["lr"] for g in groups]
+    opt = _RelativeAdam(params, lr, steps)
     bar = tqdm(total=steps, desc="structfx: distill end to end", disable=not progress,
                leave=False)
     taken = 0
@@ -417,18 +430,13 @@ def _end_to_end(student: nn.Module, teacher: nn.Module, layers: dict[str, nn.Mod
                                  "different numbers of floating-point outputs")
             loss = sum((g - r).pow(2).sum() for g, r in zip(got, ref)) / sum(
                 r.pow(2).sum() for r in ref).clamp_min(1e-30)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        scale = 0.5 * (1 + math.cos(math.pi * t / steps))
-        for g, b in zip(opt.param_groups, base):
-            g["lr"] = b * scale
-        opt.step()
+            opt.step(loss, t)
         taken += 1
         bar.update(1)
         if progress:
             bar.set_postfix(rel_err=f"{math.sqrt(float(loss.detach())):.4f}")
     bar.close()
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad()
     return taken
 
 

