@@ -1,9 +1,9 @@
 """Dense ``W`` -> BLAST factors ``(U, S, V)`` by preconditioned gradient descent (spec/blast.md).
 
 All factor updates are batched over blocks: ``W`` lives as a ``(b1, b2, p, q)`` stack, every
-product is a broadcast ``matmul`` and every ``r x r`` solve one ``torch.linalg.solve`` on a
-stack. Sizes that don't divide by the block counts are zero-padded; the returned factors have
-the padded shape (the layer slices).
+product is a broadcast ``matmul`` and every ``r x r`` solve one batched Cholesky solve
+(``spd_solve``) on a stack. Sizes that don't divide by the block counts are zero-padded; the
+returned factors have the padded shape (the layer slices).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..kernels.reference import blast_dense_weight
+from .spd_solve import spd_solve
 
 Blocks = Union[int, tuple[int, int]]
 
@@ -150,7 +151,7 @@ def _least_squares_S(Wb: Tensor, U: Tensor, V: Tensor) -> Tensor:
     rhs = ((U.mT[:, None] @ Wb) * V.mT[None]).sum(-1)                # (b1, b2, r)
     # A tiny ridge keeps the solve defined when the Gram is singular (r > p or r > q).
     ridge = 1e-6 * G.diagonal(dim1=-2, dim2=-1).mean().clamp_min(1e-30)
-    return torch.linalg.solve(G + ridge * _eye(G.shape[-1], G), rhs)
+    return spd_solve(G + ridge * _eye(G.shape[-1], G), rhs)
 
 
 def _svd_init(Wb: Tensor, r: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
@@ -317,19 +318,19 @@ def _descend(Wb: Tensor, U: Tensor, S: Tensor, V: Tensor, steps: int, lr: float,
 
         gU = ((RC @ V[None]) * S[:, :, None, :]).sum(1)                        # (b1, p, r)
         PU = torch.einsum("ijr,jrs,ijs->irs", S, V.mT @ V, S) + delta * I
-        dU = -torch.linalg.solve(PU, gU, left=False)
+        dU = -spd_solve(PU, gU, left=False)
         h, R, RC = advance(eta, R, RC, _blast_blocks(dU, S, V))
         U = U + h * dU
 
         gV = ((RC.mT @ U[:, None]) * S[:, :, None, :]).sum(0)                  # (b2, q, r)
         PV = torch.einsum("ijr,irs,ijs->jrs", S, U.mT @ U, S) + delta * I
-        dV = -torch.linalg.solve(PV, gV, left=False)
+        dV = -spd_solve(PV, gV, left=False)
         h, R, RC = advance(eta, R, RC, _blast_blocks(U, S, dV))
         V = V + h * dV
 
         gS = ((U.mT[:, None] @ RC) * V.mT[None]).sum(-1)                       # (b1, b2, r)
         PS = (U.mT @ U)[:, None] * (V.mT @ V)[None] + delta * I
-        dS = -torch.linalg.solve(PS, gS)
+        dS = -spd_solve(PS, gS)
         h, R, RC = advance(eta, R, RC, _blast_blocks(U, dS, V))
         S = S + h * dS
     return U, S, V

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..kernels import ss1_hash
 from .factorize_blast import _relative, split_calib
+from .spd_solve import spd_solve
 
 # Relative to the mean diagonal of each block's Gram. Measured held-out output error (96x160,
 # c = 2) with 3584 / 350 / 88 training rows: per-channel input scales 0.300 / 0.313 / 0.484
@@ -105,7 +106,7 @@ def _data_aware(W: Tensor, P0: Tensor, X: Tensor, sidx: Tensor, block_n: int,
         rhs = CW[j0:j0 + nJ].gather(1, J[:, :, None].expand(nJ, c * K_red, block_n))
         rhs = rhs.reshape(nJ, c, K_red, block_n).sum(1)                # S_j^T C W_j
         lam = ridge * G.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None]
-        out.append(torch.linalg.solve(G + lam * eye, rhs + lam * P0b[j0:j0 + nJ]))
+        out.append(spd_solve(G + lam * eye, rhs + lam * P0b[j0:j0 + nJ]))
     # Parameters that only padding reads have a zero row and column in G, so the ridge keeps
     # them at P0's 0; the padded output columns have a zero target and P0, so they are 0 too.
     return torch.cat(out).mT.reshape(n_blocks * block_n, K_red)[:N]
