@@ -7,9 +7,10 @@ compressed and the dense model's sentence embeddings (mean-pooled, normalized) o
 sentences, the CPU latency ratio dense / compressed (>1: faster; same process, interleaved
 repeats, median), and the same ratio for the ONNX exports in onnxruntime when
 ``structfx.export_onnx`` is available. ``--distill`` adds the cosines after
-``structfx.distill()`` (layer-wise fit, then end-to-end steps; about 5 minutes a model on one
-core). ``--auto-sweep`` runs ``structure="auto"`` with ``force=False`` (layers the cost model
-predicts to get slower stay dense) over params budgets, with the savings at each cosine.
+``structfx.distill()`` (layer-wise fit, then end-to-end steps on augmented calibration
+batches; about 5 minutes a model on 2 cores). ``--auto-sweep`` runs ``structure="auto"`` with
+``force=False`` (layers the cost model predicts to get slower stay dense) over params budgets,
+with the savings at each cosine.
 
     python examples/minilm.py --quick
     python examples/minilm.py --structures blast,lowrank --params 0.5,0.75 --distill
@@ -220,9 +221,11 @@ def main(argv=None) -> None:
     ap.add_argument("--distill", action="store_true",
                     help="also structfx.distill() every data-initialized model")
     ap.add_argument("--distill-steps", type=int, default=100, help="Adam steps per layer")
-    ap.add_argument("--e2e-steps", type=int, default=300, help="end-to-end distill steps")
-    ap.add_argument("--augment", action="store_true",
-                    help="end-to-end distill on augmented batches (see augmented_batches)")
+    ap.add_argument("--e2e-steps", type=int, default=600, help="end-to-end distill steps")
+    ap.add_argument("--e2e-lr", type=float, default=3e-3, help="end-to-end relative step size")
+    ap.add_argument("--no-augment", dest="augment", action="store_false",
+                    help="end-to-end distill on the calibration batches as they are, not on "
+                         "augmented ones (see augmented_batches)")
     ap.add_argument("--auto-sweep", default="",
                     help="params budgets for structure=auto, force=False, data-aware, e.g. 0.95,0.9")
     ap.add_argument("--steps", type=int, default=100, help="factorization steps")
@@ -298,7 +301,8 @@ def run_one(model, calib, held, reference, timing_batch, onnx, structure, params
         e2e_inputs = (augmented_batches(tokenizer, calib_sentences, args.e2e_steps)
                       if args.augment else None)
         result = structfx.distill(small, model, calib, steps=args.distill_steps,
-                         end_to_end_steps=args.e2e_steps, end_to_end_inputs=e2e_inputs,
+                         end_to_end_steps=args.e2e_steps, end_to_end_lr=args.e2e_lr,
+                         end_to_end_inputs=e2e_inputs,
                          progress=args.verbose)
         if args.verbose:
             print(result)
