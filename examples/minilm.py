@@ -8,7 +8,7 @@ sentences, the CPU latency ratio dense / compressed (>1: faster; same process, i
 repeats, median), and the same ratio for the ONNX exports in onnxruntime when
 ``structfx.export_onnx`` is available. ``--distill`` adds the cosines after
 ``structfx.distill()`` (layer-wise fit, then end-to-end steps on augmented calibration
-batches; about 5 minutes a model on 2 cores). ``--auto-sweep`` runs ``structure="auto"`` with
+batches; at most 5 minutes a model, ``--distill-seconds``). ``--auto-sweep`` runs ``structure="auto"`` with
 ``force=False`` (layers the cost model predicts to get slower stay dense) over params budgets,
 with the savings at each cosine.
 
@@ -223,6 +223,8 @@ def main(argv=None) -> None:
     ap.add_argument("--distill-steps", type=int, default=100, help="Adam steps per layer")
     ap.add_argument("--e2e-steps", type=int, default=600, help="end-to-end distill steps")
     ap.add_argument("--e2e-lr", type=float, default=3e-3, help="end-to-end relative step size")
+    ap.add_argument("--distill-seconds", type=float, default=300.0,
+                    help="time limit of one distill() call (the end-to-end phase stops early)")
     ap.add_argument("--no-augment", dest="augment", action="store_false",
                     help="end-to-end distill on the calibration batches as they are, not on "
                          "augmented ones (see augmented_batches)")
@@ -302,12 +304,12 @@ def run_one(model, calib, held, reference, timing_batch, onnx, structure, params
                       if args.augment else None)
         result = structfx.distill(small, model, calib, steps=args.distill_steps,
                          end_to_end_steps=args.e2e_steps, end_to_end_lr=args.e2e_lr,
-                         end_to_end_inputs=e2e_inputs,
+                         end_to_end_inputs=e2e_inputs, time_limit=args.distill_seconds,
                          progress=args.verbose)
         if args.verbose:
             print(result)
         row["d_mean"], row["d_min"] = cosines(small, held, reference)
-        row["distill_s"] = result.seconds
+        row["distill_s"], row["e2e_steps"] = result.seconds, result.end_to_end_steps
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                    for k, v in row.items()), flush=True)
     return row
@@ -321,7 +323,7 @@ def print_table(rows: list[dict], distilled: bool, onnx: bool) -> None:
     if onnx:
         head.append("ORT speedup")
     if distilled:
-        head += ["distilled mean cos", "distilled min cos", "distill s"]
+        head += ["distilled mean cos", "distilled min cos", "distill s", "end-to-end steps"]
     table = []
     for r in rows:
         line = [r["structure"], f"{r['params']:.0%}", r["init"], f"{r['kept']:.1%}",
@@ -329,8 +331,8 @@ def print_table(rows: list[dict], distilled: bool, onnx: bool) -> None:
         if onnx:
             line.append(f"{r['onnx']:.2f}x")
         if distilled:
-            line += ([f"{r['d_mean']:.4f}", f"{r['d_min']:.4f}", f"{r['distill_s']:.0f}"]
-                     if "d_mean" in r else ["", "", ""])
+            line += ([f"{r['d_mean']:.4f}", f"{r['d_min']:.4f}", f"{r['distill_s']:.0f}",
+                      str(r["e2e_steps"])] if "d_mean" in r else ["", "", "", ""])
         table.append(line)
     print()
     print(tabulate(table, head, tablefmt="github", disable_numparse=True))

@@ -240,11 +240,12 @@ class _RelativeAdam:
         self.base = [g["lr"] for g in self.opt.param_groups]
         self.steps = steps
 
-    def step(self, loss: torch.Tensor, t: int) -> None:
-        """Backward of ``loss`` and step ``t`` (0-based)."""
+    def step(self, loss: torch.Tensor, t: int, done: Optional[float] = None) -> None:
+        """Backward of ``loss`` and step ``t`` (0-based); ``done``: the fraction of the
+        schedule already spent, when something other than the step count decides it."""
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        scale = 0.5 * (1 + math.cos(math.pi * t / self.steps))
+        scale = 0.5 * (1 + math.cos(math.pi * min(1.0, t / self.steps if done is None else done)))
         for g, b in zip(self.opt.param_groups, self.base):
             g["lr"] = b * scale
         self.opt.step()
@@ -410,7 +411,8 @@ def _batches_forever(batches: list[tuple], targets: list, extra: Optional[Iterab
 
 
 def _end_to_end(student: nn.Module, teacher: nn.Module, layers: dict[str, nn.Module],
-                stream, steps: int, lr: float, progress: bool) -> int:
+                stream, steps: int, lr: float, progress: bool,
+                deadline: Optional[float] = None) -> int:
     """Adam on every structured layer at once, one batch per step, loss: squared output
     error relative to the teacher's output norm; step sizes relative to each parameter's RMS,
     cosine decay. Returns the steps taken."""
@@ -419,7 +421,13 @@ def _end_to_end(student: nn.Module, teacher: nn.Module, layers: dict[str, nn.Mod
     bar = tqdm(total=steps, desc="structfx: distill end to end", disable=not progress,
                leave=False)
     taken = 0
+    t0 = time.perf_counter()
     for (args, ref), t in zip(stream, range(steps)):
+        # with a deadline, the schedule runs on whichever of steps and time is further along
+        done = t / steps if deadline is None else max(
+            t / steps, (time.perf_counter() - t0) / max(deadline - t0, 1e-9))
+        if done >= 1:
+            break
         if ref is None:
             with torch.no_grad():
                 ref = [r.detach() for r in _float_leaves(teacher(*args))]
@@ -430,7 +438,7 @@ def _end_to_end(student: nn.Module, teacher: nn.Module, layers: dict[str, nn.Mod
                                  "different numbers of floating-point outputs")
             loss = sum((g - r).pow(2).sum() for g, r in zip(got, ref)) / sum(
                 r.pow(2).sum() for r in ref).clamp_min(1e-30)
-            opt.step(loss, t)
+            opt.step(loss, t, done)
         taken += 1
         bar.update(1)
         if progress:
@@ -445,7 +453,7 @@ def distill(compressed: nn.Module, teacher: nn.Module, calib_inputs: Iterable, *
             steps: int = 200, lr: float = 1e-2, mode: str = "correct",
             end_to_end_steps: int = 0, end_to_end_lr: float = 1e-3,
             end_to_end_inputs: Optional[Iterable] = None, eval_inputs: Optional[Iterable] = None,
-            progress: bool = True) -> DistillResult:
+            time_limit: Optional[float] = None, progress: bool = True) -> DistillResult:
     """Fine-tune ``compressed``'s structured layers in place to match ``teacher``; return a
     ``DistillResult`` (``print`` it for the per-layer table).
 
@@ -459,7 +467,10 @@ def distill(compressed: nn.Module, teacher: nn.Module, calib_inputs: Iterable, *
     ``end_to_end_lr``; the batches are ``calib_inputs`` (cycled) or ``end_to_end_inputs`` (a
     list is cycled; any other iterable, e.g. a generator of fresh or augmented batches, is
     read until it runs out), and if the phase leaves the error on ``calib_inputs`` higher than
-    before it, it is undone. ``eval_inputs``: batches on which to report the model's output
+    before it, it is undone. ``time_limit``: seconds for the whole call; the end-to-end phase
+    stops early to end by then (its step-size schedule runs on time instead of steps, so it
+    still decays to 0; the layer-wise phase, the fast part, is always completed).
+    ``eval_inputs``: batches on which to report the model's output
     error before and after. The teacher is only read (``no_grad``, hooks removed after).
     """
     t_start = time.perf_counter()
@@ -471,6 +482,10 @@ def distill(compressed: nn.Module, teacher: nn.Module, calib_inputs: Iterable, *
     for name, v in (("lr", lr), ("end_to_end_lr", end_to_end_lr)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise ValueError(f"distill: {name} must be > 0, got {v!r}")
+    if time_limit is not None and not (isinstance(time_limit, (int, float))
+                                       and not isinstance(time_limit, bool) and time_limit > 0):
+        raise ValueError(f"distill: time_limit must be a number of seconds > 0, got "
+                         f"{time_limit!r}")
     if not isinstance(compressed, nn.Module) or not isinstance(teacher, nn.Module):
         raise TypeError("distill: compressed and teacher must be nn.Modules")
     if compressed is teacher:
@@ -500,9 +515,11 @@ def distill(compressed: nn.Module, teacher: nn.Module, calib_inputs: Iterable, *
     result = DistillResult(mode=mode)
     targets = _teacher_outputs(teacher, batches)
     eval_targets = _teacher_outputs(teacher, evals) if evals else None
+    t_eval = time.perf_counter()
     result.model_error_before = _model_error(compressed, targets, batches)
     if evals:
         result.eval_error_before = _model_error(compressed, eval_targets, evals)
+    t_eval = time.perf_counter() - t_eval   # the same evaluations close the call: keep time
 
     groups = _groups(compressed, list(layers))
     bar = tqdm(total=len(layers), desc="structfx: distill", disable=not progress, leave=False)
@@ -537,8 +554,10 @@ def distill(compressed: nn.Module, teacher: nn.Module, calib_inputs: Iterable, *
     if end_to_end_steps:
         saved = {k: p.detach().clone() for k, p in _structured_params(layers).items()}
         stream = _batches_forever(batches, targets, end_to_end_inputs)
+        deadline = None if time_limit is None else t_start + time_limit - 1.5 * t_eval
         result.end_to_end_steps = _end_to_end(compressed, teacher, layers, stream,
-                                              end_to_end_steps, end_to_end_lr, progress)
+                                              end_to_end_steps, end_to_end_lr, progress,
+                                              deadline)
         result.model_error_after = _model_error(compressed, targets, batches)
         before = result.model_error_after_layers
         if before is not None and (result.model_error_after is None

@@ -1,5 +1,8 @@
 """``structfx.distill``: layer-wise (and end-to-end) fine-tuning of a compressed model on its
 dense teacher. Small random-weight models on CPU; the file runs in well under a minute."""
+import itertools
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -117,6 +120,24 @@ def test_end_to_end_phase_on_its_own_and_from_a_generator():
     assert res.model_error_after < 0.8 * res.model_error_before
 
 
+def test_time_limit_cuts_the_end_to_end_phase_short():
+    teacher, calib = mlp(), batches(4)
+    small = structfx.compress(teacher, calib[0], CFG)
+
+    def slow():                                   # 0.05 s a batch: 10,000 steps can't fit
+        for b in itertools.cycle(batches(8, seed=5)):
+            time.sleep(0.05)
+            yield b
+
+    res = distill(small, teacher, calib, steps=20, end_to_end_steps=10_000,
+                  end_to_end_inputs=slow(), end_to_end_lr=1e-2, time_limit=3.0,
+                  progress=False)
+    structured = [m for m in small.modules() if isinstance(m, (BlastLinear, SS1Linear))]
+    assert len(res.layers) == len(structured) > 0               # layer phase completed
+    assert 0 < res.end_to_end_steps < 200
+    assert res.model_error_after <= res.model_error_after_layers
+
+
 def test_end_to_end_phase_that_hurts_is_undone():
     teacher, calib = mlp(), batches(4)
     small = structfx.compress(teacher, calib[0], CFG)
@@ -180,6 +201,8 @@ def test_bad_inputs_raise_clear_errors():
         distill(small, teacher, calib, steps=-1, progress=False)
     with pytest.raises(ValueError, match="lr must be > 0"):
         distill(small, teacher, calib, lr=0.0, progress=False)
+    with pytest.raises(ValueError, match="time_limit must be a number of seconds > 0"):
+        distill(small, teacher, calib, time_limit=0, progress=False)
     # A teacher without the compressed model's layer paths.
     other = nn.ModuleDict({"net": teacher}).eval()
     with pytest.raises(ValueError, match="teacher has no module '0'"):
