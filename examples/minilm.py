@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 import structfx
+from structfx.bench import ort_session
 
 DATA = Path(__file__).resolve().parent / "data"
 BATCH = 32
@@ -144,10 +145,9 @@ class OnnxTimer:
     """Exports the dense model once; times onnxruntime sessions on one batch."""
 
     def __init__(self, dense: nn.Module, args: tuple, threads: int, workdir: str):
-        import onnxruntime as ort
         from torch.export import Dim
 
-        self.ort, self.threads, self.workdir = ort, threads, workdir
+        self.threads, self.workdir = threads, workdir
         self.args = args
         self.feed_values = [a.numpy() for a in args]
         dyn = tuple({0: Dim.AUTO, 1: Dim.AUTO} for _ in args)
@@ -160,10 +160,7 @@ class OnnxTimer:
         self.count = 0
 
     def _session(self, path: str):
-        opts = self.ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        return self.ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        return ort_session(path, self.threads, providers=["CPUExecutionProvider"])
 
     def _runner(self, session):
         feed = {i.name: v for i, v in zip(session.get_inputs(), self.feed_values)}

@@ -140,8 +140,7 @@ def _top_singular(A: Tensor, r: int, gen: torch.Generator) -> Tensor:
     b, k, _ = A.shape
     Q = torch.linalg.svd(A, full_matrices=False).U[..., :r]
     if Q.shape[-1] < r:
-        extra = torch.randn(b, k, r - Q.shape[-1], generator=gen).to(A)
-        Q = torch.cat([Q, extra / extra.norm(dim=1, keepdim=True)], dim=-1)
+        Q = torch.cat([Q, _unit_random(b, k, r - Q.shape[-1], A, gen)], dim=-1)
     return Q
 
 
@@ -186,7 +185,8 @@ def _cancellation(U: Tensor, S: Tensor, V: Tensor) -> float:
     return float(num / den) if den > 0 else math.inf
 
 
-def _lowrank_init(Wb: Tensor, r: int, C: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _lowrank_init(Wb: Tensor, r: int, C: Tensor,
+                  gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
     """The output-error-optimal rank-``r`` matrix as a BLAST start: ``W ~ A B^T`` minimizing
     ``tr(R C R^T)`` (SVD of ``W K``, ``C = K K^T``), cut into blocks ``U[i] = A_i``,
     ``V[j] = B_j``, ``S = 1``. BLAST contains every rank-``r`` matrix and the descent never
@@ -203,13 +203,14 @@ def _lowrank_init(Wb: Tensor, r: int, C: Tensor) -> tuple[Tensor, Tensor, Tensor
     U, V = A.reshape(b1, p, k), B.reshape(b2, q, k)
     if k < r:  # more rank than the matrix has: the spare columns start at zero weight
         U = torch.cat([U, torch.zeros(b1, p, r - k, dtype=U.dtype, device=U.device)], -1)
-        V = torch.cat([V, _unit_random(b2, q, r - k, U)], -1)
+        V = torch.cat([V, _unit_random(b2, q, r - k, U, gen)], -1)
     S = torch.ones(b1, b2, r, dtype=U.dtype, device=U.device)
     return _balance(U, S, V)
 
 
-def _unit_random(b: int, k: int, r: int, like: Tensor) -> Tensor:
-    x = torch.randn(b, k, r, generator=torch.Generator().manual_seed(0)).to(like)
+def _unit_random(b: int, k: int, r: int, like: Tensor, gen: torch.Generator) -> Tensor:
+    """``(b, k, r)`` random columns of unit length, dtype and device of ``like``."""
+    x = torch.randn(b, k, r, generator=gen).to(like)
     return x / x.norm(dim=1, keepdim=True)
 
 
@@ -395,7 +396,7 @@ def factorize_blast(weight: Tensor, blocks: Blocks, rank: int, steps: int = DEFA
 
     gen = torch.Generator().manual_seed(seed)
     if init == "svd" and C is not None:
-        U, S, V = _lowrank_init(Wb, rank, C)
+        U, S, V = _lowrank_init(Wb, rank, C, gen)
     elif init == "svd":
         U, S, V = _svd_init(Wb, rank, gen)
     else:

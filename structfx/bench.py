@@ -311,7 +311,9 @@ def file_size(path: str) -> int:
     return os.path.getsize(path) + (os.path.getsize(data) if os.path.exists(data) else 0)
 
 
-def ort_session(path: str, threads: Optional[int]):
+def ort_session(path: str, threads: Optional[int], providers: Optional[list] = None):
+    """``structfx.onnx_session`` with ``threads`` intra-op threads (None: onnxruntime's
+    default), quiet; ``providers`` as for ``onnx_session`` (None: the best one here)."""
     import onnxruntime as ort
 
     from structfx.export import onnx_session
@@ -319,7 +321,7 @@ def ort_session(path: str, threads: Optional[int]):
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    return onnx_session(path, sess_options=options, verbose=False)
+    return onnx_session(path, providers=providers, sess_options=options, verbose=False)
 
 
 def time_alternating(fns: dict[str, Callable[[], object]], budget_s: float,

@@ -35,10 +35,10 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from .layers import BlastLinear, SS1Linear
+from .passes.factorize_blast import HOLDOUT_EVERY  # the same hold-out rows as factorize
 
 STRUCTURED = (BlastLinear, SS1Linear)
 MODES = ("correct", "student", "teacher")
-HOLDOUT_EVERY = 8        # every 8th row of each layer's inputs is held out (as in factorize)
 MAX_HELD_ROWS = 4096     # memory cap on the held-out rows kept per layer
 RIDGE = 1e-6             # relative to the Gram's mean diagonal: keeps the Cholesky defined
 
@@ -131,9 +131,7 @@ def _describe(layer: nn.Module) -> str:
 
 def _teacher_path(name: str, teacher: nn.Module) -> str:
     # rewrite.install puts a layer at "<path>_structfx" when "<path>" still held other state.
-    for path in (name, name[: -len("_structfx")] if name.endswith("_structfx") else None):
-        if path is None:
-            continue
+    for path in dict.fromkeys((name, name.removesuffix("_structfx"))):
         try:
             teacher.get_submodule(path)
             return path
@@ -258,8 +256,8 @@ def _fit(layer: nn.Module, stats: _Stats, steps: int, lr: float) -> None:
     """Adam on ``layer``'s parameters, full batch on the virtual rows; step sizes relative to
     each parameter's RMS (factors from ``compress`` differ in scale by orders of magnitude),
     cosine decay to 0. The best iterate is kept."""
-    Xv, Yv = _virtual_rows(stats)
-    Xv, Yv = Xv.to(next(layer.parameters()).dtype), Yv.to(next(layer.parameters()).dtype)
+    dtype = next(layer.parameters()).dtype
+    Xv, Yv = (t.to(dtype) for t in _virtual_rows(stats))
     params = [p for p in layer.parameters() if p.requires_grad]
     opt = _RelativeAdam(params, lr, steps)
     norm = max(stats.yy, 1e-30)
@@ -290,11 +288,9 @@ def _record(compressed: nn.Module, teacher: nn.Module, group: list[str],
     stats: dict[str, _Stats] = {}
     captured: dict[str, Any] = {}
 
-    def student_hook(name):
-        def hook(mod, args, out):
-            captured["x_student"] = args[0]
-            raise _Stop
-        return hook
+    def student_hook(mod, args, out):
+        captured["x_student"] = args[0]
+        raise _Stop
 
     def teacher_hook(name):
         def hook(mod, args, out):
@@ -307,7 +303,7 @@ def _record(compressed: nn.Module, teacher: nn.Module, group: list[str],
     handles = []
     try:
         if mode != "teacher":
-            handles += [layers[n].register_forward_hook(student_hook(n)) for n in group]
+            handles += [layers[n].register_forward_hook(student_hook) for n in group]
         if mode != "student":
             handles += [t_mods[n].register_forward_hook(teacher_hook(n)) for n in group]
         with torch.no_grad():
