@@ -1,11 +1,14 @@
-"""Factorize: turn a chosen candidate and a dense weight into a BlastLinear / SS1Linear.
+"""Factorize pass: turn a chosen candidate and a dense weight into a BlastLinear / SS1Linear.
 
-Two uses: a cheap error estimate for every candidate (a short factorization; it feeds the
-selection), and the full factorization of the chosen one. Both go through the factor cache.
+Only the chosen candidates are factorized (the estimate pass priced the others). Low rank is
+the truncated (whitened, with calibration rows) SVD: exact, no descent. BLAST runs the descent
+until it converges (``factorize_blast.DEFAULT_TOL``) or ``Config.steps``. SS1 is the closed-
+form projection. Factors go through the run's ``FactorStore`` (live modules, disk cache).
 """
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -13,15 +16,21 @@ from torch import nn
 
 from ..layers import BlastLinear, SS1Linear
 from .cost_model import Candidate
-from .factor_cache import GLOBAL_CACHE, FactorCache
-from .factorize_blast import factorize_blast
+from .estimate import lowrank_spectrum
+from .factorize_blast import (DEFAULT_TOL, BlastFactors, _unit_columns, factorize_blast,
+                              output_error, relative_error, split_calib)
 from .match import LinearSite
 from .project_ss1 import project_ss1
+from .store import FactorStore, content_hash
 
 
-def weight_key(weight: torch.Tensor, cache: FactorCache = GLOBAL_CACHE) -> str:
-    """Content hash of a weight (memoized while the tensor is alive and unchanged)."""
-    return cache._weight_hash(weight)
+@dataclass(frozen=True)
+class Factorized:
+    """What the factorize pass made of one site."""
+
+    layer: nn.Module
+    weight_error: float
+    output_error: Optional[float]   # held-out calibration rows, or the example inputs
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -29,68 +38,95 @@ def layer_seed(seed: int, name: str) -> int:
     return zlib.crc32(f"{seed}:{name}".encode()) & 0x7FFFFFFF
 
 
-def _settings(site: LinearSite, cand: Candidate, steps: int, seed: int,
-              calib: Optional[torch.Tensor]) -> dict:
-    s = {"structure": cand.structure, "steps": steps, "calib": None}
-    if cand.structure == "blast":
-        s.update(blocks=list(cand.blocks), rank=cand.rank)
-    else:
-        s.update(compression=cand.compression, seed=layer_seed(seed, site.name))
-    if calib is not None:
-        from .factor_cache import content_hash
+def is_lowrank(cand: Candidate) -> bool:
+    return cand.structure == "blast" and tuple(cand.blocks) == (1, 1)
 
-        s["calib"] = content_hash(calib)
+
+def lowrank_factors(weight: torch.Tensor, rank: int,
+                    calib: Optional[torch.Tensor] = None) -> BlastFactors:
+    """The truncated (whitened) SVD as BLAST factors with one block."""
+    A, B, tails = lowrank_spectrum(weight, calib)
+    k = min(rank, A.shape[1])
+    U, V = A[:, :k], B[:, :k]
+    if k < rank:  # more rank than the matrix has: zero columns
+        U = torch.cat([U, U.new_zeros(U.shape[0], rank - k)], 1)
+        V = torch.cat([V, V.new_zeros(V.shape[0], rank - k)], 1)
+    U, S, V = _unit_columns(U[None], torch.ones(1, 1, rank, dtype=U.dtype), V[None])
+    we, oe = tails(k)
+    out = lambda t: t.to(device=weight.device, dtype=torch.float32).contiguous()
+    return BlastFactors(out(U), out(S), out(V), we, oe)
+
+
+def _settings(site: LinearSite, cand: Candidate, config, calib: Optional[torch.Tensor]) -> dict:
+    s = {"structure": cand.structure, "calib": None if calib is None else content_hash(calib)}
+    if is_lowrank(cand):
+        s.update(blocks=[1, 1], rank=cand.rank, method="svd")
+    elif cand.structure == "blast":
+        s.update(blocks=list(cand.blocks), rank=cand.rank, steps=config.steps, tol=DEFAULT_TOL)
+    else:
+        s.update(compression=cand.compression, seed=layer_seed(config.seed, site.name))
     return s
 
 
-def _factors(site: LinearSite, cand: Candidate, steps: int, seed: int,
-             calib: Optional[torch.Tensor], cache: FactorCache, cache_dir: Optional[str]) -> dict:
+def _shapes(site: LinearSite, cand: Candidate) -> dict:
+    m, n = site.out_features, site.in_features
+    if cand.structure == "blast":
+        (b1, b2), r = cand.blocks, cand.rank
+        return {"U": (b1, -(-m // b1), r), "S": (b1, b2, r), "V": (b2, -(-n // b2), r)}
+    from ..kernels import ss1_hash
+
+    return {"P": (m, ss1_hash.reduced_k(n, cand.compression))}
+
+
+def _compute(site: LinearSite, cand: Candidate, config, calib) -> dict:
     W = site.linear_weight.detach()
-
-    def compute() -> dict:
-        if cand.structure == "blast":
-            f = factorize_blast(W, cand.blocks, cand.rank, steps=steps, calib=calib)
-            tensors = {"U": f.U, "S": f.S, "V": f.V}
-        else:
-            f = project_ss1(W, cand.compression, layer_seed(seed, site.name), calib=calib)
-            tensors = {"P": f.P}
-        return {"tensors": tensors, "meta": {"error": f.error, "output_error": f.output_error}}
-
-    settings = _settings(site, cand, steps, seed, calib)
-    return cache.get_or_compute(W, settings, compute, cache_dir)
-
-
-def estimate_error(site: LinearSite, cand: Candidate, config,
-                   cache: FactorCache = GLOBAL_CACHE) -> float:
-    """Relative weight error of a candidate after a short factorization (0 for dense)."""
-    if cand.structure == "dense":
-        return 0.0
-    steps = config.estimate_steps if cand.structure == "blast" else 0
-    return float(_factors(site, cand, steps, config.seed, None, cache,
-                          config.cache_dir)["meta"]["error"])
+    if is_lowrank(cand):
+        f = lowrank_factors(W, cand.rank, calib)
+        tensors = {"U": f.U, "S": f.S, "V": f.V}
+    elif cand.structure == "blast":
+        f = factorize_blast(W, cand.blocks, cand.rank, steps=config.steps, calib=calib,
+                            tol=DEFAULT_TOL, seed=config.seed)
+        tensors = {"U": f.U, "S": f.S, "V": f.V}
+    else:
+        f = project_ss1(W, cand.compression, layer_seed(config.seed, site.name), calib=calib)
+        tensors = {"P": f.P}
+    return {"tensors": tensors, "meta": {"error": f.error, "output_error": f.output_error}}
 
 
-def build_layer(site: LinearSite, cand: Candidate, config, calib: Optional[torch.Tensor] = None,
-                cache: FactorCache = GLOBAL_CACHE) -> tuple[nn.Module, dict]:
-    """The structured module for ``site`` and its ``{"error", "output_error"}``."""
-    entry = _factors(site, cand, config.steps, config.seed, calib, cache, config.cache_dir)
-    t = entry["tensors"]
+def _module(site: LinearSite, cand: Candidate, config, tensors: dict) -> nn.Module:
     W = site.linear_weight
     m, n = W.shape
     has_bias = site.bias is not None
     kw = dict(bias=has_bias, device=W.device, dtype=W.dtype)
     if cand.structure == "blast":
         layer = BlastLinear(n, m, cand.blocks, cand.rank, **kw)
-        params = {"U": t["U"], "S": t["S"], "V": t["V"]}
     else:
         layer = SS1Linear(n, m, cand.compression, layer_seed(config.seed, site.name), **kw)
-        params = {"P": t["P"]}
     with torch.no_grad():
-        for name, value in params.items():
+        for name, value in tensors.items():
             getattr(layer, name).copy_(value)
         if has_bias:
             layer.bias.copy_(site.bias.detach())
-    return layer, dict(entry["meta"])
+    return layer
+
+
+def build_layer(site: LinearSite, cand: Candidate, config, store: FactorStore,
+                calib: Optional[torch.Tensor] = None,
+                example_rows: Optional[torch.Tensor] = None) -> Factorized:
+    """The structured module for ``site``. ``calib``: the layer's calibration rows (data-aware;
+    its output error is on their held-out part); else ``example_rows`` (the example inputs'
+    rows) give the reported output error."""
+    settings = _settings(site, cand, config, calib)
+    entry = store.factors(site.linear_weight, settings, lambda: _compute(site, cand, config, calib),
+                          config.cache_dir, expect=_shapes(site, cand))
+    layer = _module(site, cand, config, entry["tensors"])
+    store.remember(site.linear_weight, settings, dict(layer.named_parameters()), entry["meta"])
+    out_err = entry["meta"].get("output_error")
+    if calib is None and example_rows is not None and example_rows.shape[0]:
+        W = site.linear_weight.detach().float()
+        with torch.no_grad():
+            out_err = output_error(example_rows.float(), W, layer.to_dense().float())
+    return Factorized(layer, float(entry["meta"]["error"]), out_err)
 
 
 def refresh_layer(layer: nn.Module, site: LinearSite, cand: Candidate, config,
@@ -98,7 +134,11 @@ def refresh_layer(layer: nn.Module, site: LinearSite, cand: Candidate, config,
     """Refactorize ``layer`` in place from a changed dense ``weight`` (nn.Linear layout)."""
     fresh = LinearSite(name=site.name, node=site.node, x=site.x, weight=weight, bias=bias,
                        transposed=False, tokens=site.tokens)
-    new, _ = build_layer(fresh, cand, config)
+    new = build_layer(fresh, cand, config, FactorStore()).layer
     with torch.no_grad():
         for (name, p), q in zip(layer.named_parameters(), new.parameters()):
             p.copy_(q)
+
+
+__all__ = ["Factorized", "build_layer", "refresh_layer", "layer_seed", "lowrank_factors",
+           "relative_error", "split_calib"]

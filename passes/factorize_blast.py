@@ -16,7 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..kernels.reference import blast_dense_weight
-from .spd_solve import spd_solve
+from .spd_solve import psd_factor, spd_solve
 
 Blocks = Union[int, tuple[int, int]]
 
@@ -38,7 +38,11 @@ Blocks = Union[int, tuple[int, int]]
 # any value safe; 1 -> 2 cut the 15-step error by 6-8%, larger values gained < 2% more.
 DEFAULT_STEPS = 100
 DEFAULT_LR = 2.0
+# Convergence: stop once the relative error gains less than this per step (over 5 steps).
+DEFAULT_TOL = 2e-4
 WHITEN_RIDGE = 1e-2
+# Relative ridge of the output-aware low-rank start: above fp32 rounding of the whitened C.
+LOWRANK_RIDGE = 1e-5
 # An aligned SVD start (``_aligned_bases``) is dropped when its rank-1 terms cancel by more
 # than this (``_cancellation``). On all-MiniLM-L6-v2's weights the aligned start often won at
 # step 0 with cancellation 50-3600, ended no better after 100 steps (weight error 0.428 vs
@@ -194,8 +198,9 @@ def _lowrank_init(Wb: Tensor, r: int, C: Tensor,
     at rank ``r``."""
     b1, b2, p, q = Wb.shape
     n = b2 * q
-    lam = 1e-6 * C.diagonal().mean().clamp_min(1e-30)  # padding coordinates have zero variance
-    K = torch.linalg.cholesky(C + lam * _eye(n, C))
+    # Padding coordinates have zero variance, and a layer that saw fewer rows than inputs has
+    # a rank-deficient C: psd_factor never fails on either.
+    K = psd_factor(C, LOWRANK_RIDGE * C.diagonal().mean().clamp_min(1e-30))
     Us, s, Vh = torch.linalg.svd(_from_blocks(Wb) @ K, full_matrices=False)
     k = min(r, s.shape[0])
     A = Us[:, :k] * s[:k]                                                     # (b1 p, k)
@@ -281,59 +286,142 @@ def _random_init(b1, b2, p, q, r, gen, like) -> tuple[Tensor, Tensor, Tensor]:
 
 
 # ---- the descent ----------------------------------------------------------------------------
+#
+# The objective ``f = 1/2 tr(R C R^T)``, ``R = W_hat - W``, is never formed as a residual: with
+# ``Y = W C`` (``W`` itself when ``C`` is the identity) every quantity a step needs is a Gram
+# product. Per step the two big products are ``Y_ij V_j`` and ``Y_ij^T U_i`` (``2 m n r`` FLOPs
+# each, as ``b`` GEMMs of shape ``(m, q) x (q, r)`` / ``(n, p) x (p, r)``); everything else is
+# ``r x r``. With ``C`` the cross-block covariance adds ``C V`` products (``n^2 r``). The
+# objective is tracked exactly through each sub-step's parabola, so the error of every step is
+# known without forming ``W_hat``; the final error is recomputed from the factors.
+
+
+class _Gram:
+    """``Y = W C`` in the two layouts the products want, and ``C`` as a block stack."""
+
+    def __init__(self, Wb: Tensor, C: Optional[Tensor]):
+        b1, b2, p, q = Wb.shape
+        Yb = Wb if C is None else _times(Wb, C)
+        self.shape = (b1, b2, p, q)
+        self.Yc = Yb.permute(1, 0, 2, 3).reshape(b2, b1 * p, q).contiguous()   # (b2, m, q)
+        self.Yr = Yb.permute(0, 1, 3, 2).reshape(b1, b2 * q, p).contiguous()   # (b1, n, p)
+        self.Cb = None if C is None else C.reshape(b2, q, b2, q).transpose(1, 2).contiguous()
+        self.w2 = float((Wb * Yb).sum())                                       # ||W||_C^2
+
+    def YV(self, V: Tensor) -> Tensor:
+        b1, b2, p, q = self.shape
+        return torch.bmm(self.Yc, V).reshape(b2, b1, p, -1).transpose(0, 1)    # (b1, b2, p, r)
+
+    def YtU(self, U: Tensor) -> Tensor:
+        b1, b2, p, q = self.shape
+        return torch.bmm(self.Yr, U).reshape(b1, b2, q, -1)                     # (b1, b2, q, r)
+
+    def CV(self, V: Tensor) -> Optional[Tensor]:
+        """``CV[j, k] = C_jk V_k`` ``(b2, b2, q, r)`` (None for the identity)."""
+        return None if self.Cb is None else self.Cb @ V[None]
+
+
+def _objective(Wb: Tensor, U: Tensor, S: Tensor, V: Tensor, C: Optional[Tensor]) -> float:
+    R = _blast_blocks(U, S, V) - Wb
+    return 0.5 * float((R * _times(R, C)).sum())
+
+
+def _parabola(slope: Tensor, curv: Tensor, eta: float) -> float:
+    return float((-slope / curv.clamp_min(1e-30)).clamp(0, eta))
+
 
 def _descend(Wb: Tensor, U: Tensor, S: Tensor, V: Tensor, steps: int, lr: float,
-             C: Optional[Tensor] = None, progress: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """``steps`` block-coordinate preconditioned steps on ``1/2 tr(R C R^T)``, ``R = W_hat - W``.
+             C: Optional[Tensor] = None, progress: bool = False, tol: float = 0.0,
+             gram: Optional[_Gram] = None, curve: Optional[list] = None
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """Up to ``steps`` block-coordinate preconditioned steps on ``f = 1/2 tr(R C R^T)``.
 
     ``C = None`` is the identity (the plain Frobenius objective). Each sub-step is a quadratic
-    problem in one factor, so the loss along the step direction ``D`` is a parabola: the step
-    is the schedule's ``eta`` capped at that parabola's minimum. The cap never binds for the
-    plain objective with ``eta <= 1`` (the damped preconditioner only shortens the exact
-    step), makes larger ``eta`` safe, and keeps the data-aware descent (whose preconditioners
-    ignore cross-block covariance) from overshooting. Updating ``R`` by ``h * D`` is the
-    residual recomputed with the new factor, at the same cost. The damping uses the
-    residual's norm in the objective's metric (``||R||_F`` when ``C`` is None).
-    """
+    problem in one factor, so ``f`` along the step direction ``D`` is a parabola: the step is
+    the schedule's ``eta`` capped at that parabola's minimum, which makes any ``lr`` safe and
+    ``f`` never increase. The damping ``delta`` uses the residual's norm ``sqrt(2 f)``.
+    ``tol > 0``: stop once the relative error gained less than ``tol`` per step over the last
+    5 steps (convergence), else run all ``steps``. ``curve``: receives the relative error
+    ``sqrt(2 f) / ||W||_C`` after every step."""
+    g = gram or _Gram(Wb, C)
     I = _eye(U.shape[-1], Wb)
-    # A floor under the damping keeps the solves defined once the residual reaches zero
-    # (``Wb`` has RMS 1, or is all zero).
     floor = 1e-7 * math.sqrt(Wb.numel())
-    W_norm = Wb.norm() if C is None else (Wb * _times(Wb, C)).sum().sqrt()
-
-    def advance(eta, R, RC, D):
-        DC = _times(D, C)
-        curv = (D * DC).sum()
-        h = (-(D * RC).sum() / curv.clamp_min(1e-30)).clamp(0, eta)
-        return h, R + h * D, RC + h * DC
+    w_norm = math.sqrt(max(g.w2, 1e-300))
+    f = _objective(Wb, U, S, V, C)
+    errs = [math.sqrt(2 * max(f, 0.0)) / w_norm]
+    aware = g.Cb is not None
+    CV = g.CV(V)
+    M = None if not aware else V[:, None].mT @ CV                     # M[k, j] = V_k^T C_kj V_j
 
     bar = tqdm(range(steps), desc="BLAST factorize", disable=not progress)
     for t in bar:
         eta = lr * (1 - t / steps)
-        R = _blast_blocks(U, S, V) - Wb
-        RC = _times(R, C)
-        res = (R * RC).sum().clamp_min(0).sqrt()
-        delta = 0.1 * res + floor
-        if progress:
-            bar.set_postfix(rel_err=f"{float(res / W_norm):.4f}")
+        delta = 0.1 * math.sqrt(2 * max(f, 0.0)) + floor
 
-        gU = ((RC @ V[None]) * S[:, :, None, :]).sum(1)                        # (b1, p, r)
-        PU = torch.einsum("ijr,jrs,ijs->irs", S, V.mT @ V, S) + delta * I
-        dU = -spd_solve(PU, gU, left=False)
-        h, R, RC = advance(eta, R, RC, _blast_blocks(dU, S, V))
+        # U: the rows of every block-row i are independent; H_i is the exact Hessian.
+        B = (g.YV(V) * S[:, :, None, :]).sum(1)                                  # (b1, p, r)
+        if aware:
+            H = torch.einsum("ikr,kjrs,ijs->irs", S, M, S)
+        else:
+            H = torch.einsum("ijr,jrs,ijs->irs", S, V.mT @ V, S)
+        grad = U @ H - B
+        dU = -spd_solve(H + delta * I, grad, left=False)
+        slope, curv = (grad * dU).sum(), ((dU @ H) * dU).sum()
+        h = _parabola(slope, curv, eta)
         U = U + h * dU
+        f += h * float(slope) + 0.5 * h * h * float(curv)
 
-        gV = ((RC.mT @ U[:, None]) * S[:, :, None, :]).sum(0)                  # (b2, q, r)
-        PV = torch.einsum("ijr,irs,ijs->jrs", S, U.mT @ U, S) + delta * I
-        dV = -spd_solve(PV, gV, left=False)
-        h, R, RC = advance(eta, R, RC, _blast_blocks(U, S, dV))
+        # V: with C the block-columns are coupled; the preconditioner takes the diagonal blocks.
+        YtU = g.YtU(U)                                                           # (b1, b2, q, r)
+        GU = U.mT @ U
+        B = (YtU * S[:, :, None, :]).sum(0)                                      # (b2, q, r)
+        if aware:
+            N = torch.einsum("ikr,irs,ijs->kjrs", S, GU, S)                      # (b2, b2, r, r)
+            grad = torch.einsum("jkqr,kjrs->jqs", CV, N) - B
+            P = N.diagonal(dim1=0, dim2=1).permute(2, 0, 1)
+        else:
+            P = torch.einsum("ijr,irs,ijs->jrs", S, GU, S)
+            grad = V @ P - B
+        dV = -spd_solve(P + delta * I, grad, left=False)
+        if aware:
+            CdV = g.CV(dV)
+            curv = (dV * torch.einsum("jkqr,kjrs->jqs", CdV, N)).sum()
+        else:
+            curv = ((dV @ P) * dV).sum()
+        slope = (grad * dV).sum()
+        h = _parabola(slope, curv, eta)
         V = V + h * dV
+        f += h * float(slope) + 0.5 * h * h * float(curv)
+        if aware:
+            CV = CV + h * CdV
+            M = V[:, None].mT @ CV
 
-        gS = ((U.mT[:, None] @ RC) * V.mT[None]).sum(-1)                       # (b1, b2, r)
-        PS = (U.mT @ U)[:, None] * (V.mT @ V)[None] + delta * I
-        dS = -spd_solve(PS, gS)
-        h, R, RC = advance(eta, R, RC, _blast_blocks(U, dS, V))
+        # S: one r-vector per block; coupled across a block-row by C.
+        rhs = (YtU * V[None]).sum(2)                                             # (b1, b2, r)
+        if aware:
+            # (GU_i o M_jk) s_ik summed over k, as one contraction over (k, s) per r.
+            coupled = lambda s: torch.einsum("ikrs,jkrs->ijr", GU[:, None] * s[..., None, :], M)
+            grad = coupled(S) - rhs
+            PS = GU[:, None] * M.diagonal(dim1=0, dim2=1).permute(2, 0, 1)[None]
+            dS = -spd_solve(PS + delta * I, grad)
+            curv = (dS * coupled(dS)).sum()
+        else:
+            PS = GU[:, None] * (V.mT @ V)[None]
+            grad = (PS @ S[..., None]).squeeze(-1) - rhs
+            dS = -spd_solve(PS + delta * I, grad)
+            curv = ((PS @ dS[..., None]).squeeze(-1) * dS).sum()
+        slope = (grad * dS).sum()
+        h = _parabola(slope, curv, eta)
         S = S + h * dS
+        f += h * float(slope) + 0.5 * h * h * float(curv)
+
+        errs.append(math.sqrt(2 * max(f, 0.0)) / w_norm)
+        if progress:
+            bar.set_postfix(rel_err=f"{errs[-1]:.4f}")
+        if tol > 0 and t >= 5 and errs[-6] - errs[-1] < 5 * tol * errs[-1]:
+            break
+    if curve is not None:
+        curve.extend(errs[1:])
     return U, S, V
 
 
@@ -349,29 +437,25 @@ def _unit_columns(U: Tensor, S: Tensor, V: Tensor) -> tuple[Tensor, Tensor, Tens
     return U / nu[:, None], S * nu[:, None] * nv[None], V / nv[:, None]
 
 
-# ---- public entry point ---------------------------------------------------------------------
+# ---- public entry points --------------------------------------------------------------------
 
-def factorize_blast(weight: Tensor, blocks: Blocks, rank: int, steps: int = DEFAULT_STEPS,
-                    calib: Optional[Tensor] = None, *, init: str = "svd", lr: float = DEFAULT_LR,
-                    seed: int = 0, progress: bool = False) -> BlastFactors:
-    """Factorize ``weight`` ``(m, n)`` into BLAST factors with ``blocks`` ``b`` or ``(b1, b2)``.
+class _Problem(NamedTuple):
+    """A weight in the coordinates the descent works in (blocks, whitened, RMS 1)."""
 
-    ``steps`` iterations of preconditioned descent, step size decaying linearly from ``lr``
-    to 0, from an SVD start (``init="svd"``) or the authors' tiny random one (``"random"``,
-    drawn from ``seed``). ``calib`` ``(..., n)``: inputs seen by the layer; the objective
-    becomes the output error on them, with every 8th row held out to report
-    ``output_error``. Factors come back in fp32 on ``weight``'s device, with the padded
-    shapes ``(b1, p, r)``, ``(b1, b2, r)``, ``(b2, q, r)`` and unit-norm columns in ``U``, ``V``.
-    """
-    b1, b2 = _check(weight, blocks, rank, steps, calib)
-    if init not in ("svd", "random"):
-        raise ValueError(f"factorize_blast: init must be 'svd' or 'random', got {init!r}")
+    W: Tensor                 # (m, n) in the working dtype
+    Wb: Tensor                # (b1, b2, p, q): padded blocks, whitened (data-aware), / scale
+    scale: Tensor
+    C: Optional[Tensor]       # whitened input covariance (None: data-free)
+    L: Optional[Tensor]       # per-block whitening factors (b2, q, q)
+    held: Optional[Tensor]    # held-out calibration rows
+
+
+def _prepare(weight: Tensor, b1: int, b2: int, calib: Optional[Tensor]) -> _Problem:
     m, n = weight.shape
     p, q = -(-m // b1), -(-n // b2)
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     W = weight.detach().to(dtype)
     Wb = _to_blocks(W, b1, b2, p, q)
-
     # Data-aware: work in coordinates where each input block is white (W[:, j] @ L[j]), so the
     # block-diagonal preconditioners are exact for the diagonal blocks of C, and keep the
     # cross-block covariance in the objective (R replaced by R C). Measured held-out output
@@ -386,31 +470,87 @@ def factorize_blast(weight: Tensor, blocks: Blocks, rank: int, steps: int = DEFA
         C, L = _whitening(train, b2, q)
         Wb = Wb @ L[None]
         C = _whitened_cov(C, L)
-
-    # Work on W / std (fold the scale back into S): the damping and the step sizes are then
-    # independent of the weight's scale. (RMS rather than std: a weight's mean is ~0, and
-    # the RMS is > 0 for any nonzero matrix.)
+    # Work on W / RMS (folded back into S): damping and step sizes are then independent of the
+    # weight's scale (the RMS is > 0 for any nonzero matrix).
     scale = Wb.norm() / math.sqrt(m * n)
     scale = scale if scale > 0 else Wb.new_tensor(1.0)
-    Wb = Wb / scale
+    return _Problem(W, Wb / scale, scale, C, L, held)
 
+
+def _start(prob: _Problem, rank: int, init: str, seed: int) -> tuple[Tensor, Tensor, Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    if init == "svd" and C is not None:
-        U, S, V = _lowrank_init(Wb, rank, C, gen)
-    elif init == "svd":
-        U, S, V = _svd_init(Wb, rank, gen)
-    else:
-        U, S, V = _random_init(b1, b2, p, q, rank, gen, Wb)
-    U, S, V = _descend(Wb, U, S, V, steps, lr, C, progress)
-    if L is not None:
-        V = torch.linalg.solve_triangular(L.mT, V, upper=True)  # back from white coordinates
+    if init == "svd" and prob.C is not None:
+        return _lowrank_init(prob.Wb, rank, prob.C, gen)
+    if init == "svd":
+        return _svd_init(prob.Wb, rank, gen)
+    b1, b2, p, q = prob.Wb.shape
+    return _random_init(b1, b2, p, q, rank, gen, prob.Wb)
 
-    U, S, V = _unit_columns(U, S * scale, V)
+
+def _finish(prob: _Problem, U: Tensor, S: Tensor, V: Tensor, weight: Tensor) -> BlastFactors:
+    """Back to the weight's coordinates; exact errors from the factors."""
+    m, n = prob.W.shape
+    if prob.L is not None:
+        V = torch.linalg.solve_triangular(prob.L.mT, V, upper=True)  # back from white coords
+    U, S, V = _unit_columns(U, S * prob.scale, V)
     W_hat = blast_dense_weight(U, S, V, m, n)
-    error = _relative(W - W_hat, W)
-    output_error = None if held is None else _relative(held @ (W - W_hat).T, held @ W.T)
+    error = relative_error(prob.W - W_hat, prob.W)
+    out_err = None if prob.held is None else output_error(prob.held, prob.W, W_hat)
     out = lambda t: t.to(device=weight.device, dtype=torch.float32).contiguous()
-    return BlastFactors(out(U), out(S), out(V), error, output_error)
+    return BlastFactors(out(U), out(S), out(V), error, out_err)
+
+
+def factorize_blast(weight: Tensor, blocks: Blocks, rank: int, steps: int = DEFAULT_STEPS,
+                    calib: Optional[Tensor] = None, *, init: str = "svd", lr: float = DEFAULT_LR,
+                    seed: int = 0, progress: bool = False, tol: float = 0.0) -> BlastFactors:
+    """Factorize ``weight`` ``(m, n)`` into BLAST factors with ``blocks`` ``b`` or ``(b1, b2)``.
+
+    Up to ``steps`` iterations of preconditioned descent, step size decaying linearly from
+    ``lr`` to 0, from an SVD start (``init="svd"``) or the authors' tiny random one
+    (``"random"``, drawn from ``seed``); ``tol > 0`` stops early once the relative error
+    gains less than ``tol`` per step. ``calib`` ``(..., n)``: inputs seen by the layer; the
+    objective becomes the output error on them, with every ``HOLDOUT_EVERY``-th row held out
+    to report ``output_error``. Factors come back in fp32 on ``weight``'s device, with the
+    padded shapes ``(b1, p, r)``, ``(b1, b2, r)``, ``(b2, q, r)`` and unit-norm columns in
+    ``U``, ``V``.
+    """
+    b1, b2 = _check(weight, blocks, rank, steps, calib)
+    if init not in ("svd", "random"):
+        raise ValueError(f"factorize_blast: init must be 'svd' or 'random', got {init!r}")
+    prob = _prepare(weight, b1, b2, calib)
+    U, S, V = _start(prob, rank, init, seed)
+    U, S, V = _descend(prob.Wb, U, S, V, steps, lr, prob.C, progress, tol=tol)
+    return _finish(prob, U, S, V, weight)
+
+
+def blast_error_curve(weight: Tensor, blocks: Blocks, ranks: list[int], steps: int,
+                      calib: Optional[Tensor] = None, *, refine_steps: int = 3,
+                      lr: float = DEFAULT_LR, seed: int = 0) -> list[tuple[float, Optional[float]]]:
+    """Estimated ``(weight error, held-out output error)`` of BLAST at every rank in
+    ``ranks``, from ONE factorization at the largest rank.
+
+    The rank-``max`` factors after ``steps`` descent steps are cut to each smaller rank by
+    keeping the rank-1-across-blocks terms of most energy, then refined by ``refine_steps``
+    steps at that rank (cost proportional to the rank). An upper bound on what a full
+    factorization at that rank reaches; ``bench compress`` measures how close it is."""
+    b1, b2 = _check(weight, blocks, max(ranks), steps, calib)
+    prob = _prepare(weight, b1, b2, calib)
+    top = max(ranks)
+    U, S, V = _start(prob, top, "svd", seed)
+    gram = _Gram(prob.Wb, prob.C)
+    U, S, V = _descend(prob.Wb, U, S, V, steps, lr, prob.C, gram=gram)
+    # Energy of each term over all blocks (cross terms ignored): |u_ik|^2 s_ijk^2 |v_jk|^2.
+    energy = (U.pow(2).sum(1)[:, None] * S.pow(2) * V.pow(2).sum(1)[None]).sum((0, 1))
+    order = energy.argsort(descending=True)
+    out = {}
+    for r in sorted(set(ranks), reverse=True):
+        keep = order[:r]
+        u, s, v = U[..., keep], S[..., keep], V[..., keep]
+        if r < top and refine_steps:
+            u, s, v = _descend(prob.Wb, u, s, v, refine_steps, lr, prob.C, gram=gram)
+        f = _finish(prob, u, s, v, weight)
+        out[r] = (f.error, f.output_error)
+    return [out[r] for r in ranks]
 
 
 def _whitening(X: Tensor, b2: int, q: int) -> tuple[Tensor, Tensor]:
@@ -421,7 +561,7 @@ def _whitening(X: Tensor, b2: int, q: int) -> tuple[Tensor, Tensor]:
     C = Xp.mT @ Xp / X.shape[0]
     Cjj = C.reshape(b2, q, b2, q).diagonal(dim1=0, dim2=2).permute(2, 0, 1)      # (b2, q, q)
     lam = WHITEN_RIDGE * Cjj.diagonal(dim1=-2, dim2=-1).mean().clamp_min(1e-30)
-    return C, torch.linalg.cholesky(Cjj + lam * _eye(q, C))
+    return C, psd_factor(Cjj, lam)
 
 
 def _whitened_cov(C: Tensor, L: Tensor) -> Tensor:
@@ -442,6 +582,13 @@ def split_calib(X: Tensor) -> tuple[Tensor, Tensor]:
     return X[~held], X[held]
 
 
-def _relative(diff: Tensor, ref: Tensor) -> float:
+def relative_error(diff: Tensor, ref: Tensor) -> float:
+    """``||diff||_F / ||ref||_F`` (0 when both are 0)."""
     num, den = float(diff.norm()), float(ref.norm())
     return num / den if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+def output_error(X: Tensor, W: Tensor, W_hat: Tensor) -> float:
+    """``||X (W - W_hat)^T||_F / ||X W^T||_F``: the relative output error of a layer (weights in
+    nn.Linear layout) on input rows ``X``. The one definition every pass reports."""
+    return relative_error(X @ (W - W_hat).mT, X @ W.mT)

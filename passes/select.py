@@ -8,13 +8,36 @@ cheaper one would have done (tests/test_select.py shows such an instance).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """HiGHS prints some of its internals from C straight to file descriptor 1 (e.g.
+    ``HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();``), past
+    ``disp=False``: point the descriptor at /dev/null while it runs."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):     # no real descriptor 1 (embedded interpreters)
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @dataclass(frozen=True)
@@ -116,8 +139,10 @@ def select(layers: Sequence[Sequence[Option]], *, params: Optional[float] = None
         constraints = [LinearConstraint(one_each, 1, 1)]
         constraints += [LinearConstraint(row, -np.inf, (limit + s) / max(dense, 1))
                         for row, (_, _, limit, dense), s in zip(rows, budgets, slack)]
-        res = milp(cost / scale, constraints=constraints, integrality=np.ones(len(pairs)),
-                   bounds=Bounds(0, 1), options={"mip_rel_gap": 0})
+        with _quiet_stdout():
+            res = milp(cost / scale, constraints=constraints,
+                       integrality=np.ones(len(pairs)), bounds=Bounds(0, 1),
+                       options={"mip_rel_gap": 0})
         if res.status == 2:
             raise ValueError(
                 f"the {' and '.join(b[0] for b in budgets)} budgets "

@@ -34,3 +34,26 @@ def spd_solve(A: Tensor, B: Tensor, *, left: bool = True) -> Tensor:
     if vector:
         return X.squeeze(-1)
     return X if left else X.mT
+
+
+def psd_factor(A: Tensor, ridge) -> Tensor:
+    """Lower-triangular ``K`` with ``K K^T = A + ridge I`` for symmetric positive
+    *semi*-definite ``A`` ``(..., n, n)`` (a Gram or covariance matrix), in ``A``'s dtype.
+
+    Never fails on a rank-deficient ``A`` (fewer rows than inputs, a CLS-only layer): the
+    factorization runs in float64, where the rounding of an fp32 Gram can't outweigh the
+    ridge; a batch element that is still rejected (``A`` had negative eigenvalues larger than
+    ``ridge``, from rounding in how it was formed) has its eigenvalues clipped at ``ridge``."""
+    A64 = A.double()
+    n = A.shape[-1]
+    eye = torch.eye(n, dtype=torch.float64, device=A.device)
+    ridge = torch.as_tensor(ridge, dtype=torch.float64, device=A.device)
+    ridge = ridge.clamp_min(1e-300).reshape(ridge.shape + (1, 1))
+    K, info = torch.linalg.cholesky_ex(A64 + ridge * eye)
+    for idx in (info != 0).nonzero().tolist():
+        i = tuple(idx)
+        e, Q = torch.linalg.eigh(A64[i])
+        lam = ridge.expand(*A.shape[:-2], 1, 1)[i]
+        clipped = (Q * (e.clamp_min(0) + lam.reshape(()))) @ Q.mT
+        K[i] = torch.linalg.cholesky(0.5 * (clipped + clipped.mT))
+    return K.to(A.dtype)

@@ -23,23 +23,34 @@ from . import pipeline
 from .config import Config
 from .passes.factorize import refresh_layer
 from .passes.match import match_linears
+from .passes.store import FactorStore
 from .report import set_last_report
 
 
 def structfx_backend(gm: fx.GraphModule, example_inputs, *, options: Optional[dict] = None,
                      mode=None, **kwargs):
     """The ``"structfx"`` torch.compile backend."""
-    return _backend_with(Config.from_options(options))(gm, example_inputs, mode=mode)
+    return _backend_with(Config.from_options(options), DEFAULT_STORE)(gm, example_inputs,
+                                                                       mode=mode)
 
 
-def backend(config: Optional[Config] = None, **options) -> Callable:
-    """A backend bound to ``config``: ``torch.compile(m, backend=structfx.backend(cfg))``."""
+# The store of the string backend ``backend="structfx"`` (Dynamo builds that backend afresh for
+# every graph, so graphs of one model can only meet here). It holds floats, decisions and weak
+# references to live factors: nothing that outlives the compiled models. ``structfx.backend()``
+# objects own a store of their own.
+DEFAULT_STORE = FactorStore()
+
+
+def backend(config: Optional[Config] = None, *, store: Optional[FactorStore] = None,
+            **options) -> Callable:
+    """A backend bound to ``config``: ``torch.compile(m, backend=structfx.backend(cfg))``.
+    The graphs it compiles share one ``FactorStore`` (``store``, or a new one)."""
     if config is not None and options:
         raise ValueError("give a Config or keyword options, not both")
-    return _backend_with(config or Config.from_options(options))
+    return _backend_with(config or Config.from_options(options), store or FactorStore())
 
 
-def _backend_with(config: Config) -> Callable:
+def _backend_with(config: Config, store: FactorStore) -> Callable:
     def compile_with_structfx(gm: fx.GraphModule, example_inputs, mode=None, **kwargs):
         import functools
 
@@ -51,7 +62,7 @@ def _backend_with(config: Config) -> Callable:
         patches = torch._inductor.list_mode_options(mode) if mode else {}
         lower = functools.partial(compile_fx, config_patches=patches) if patches else compile_fx
         try:
-            return _compile(gm, list(example_inputs), config, lower)
+            return _compile(gm, list(example_inputs), config, lower, store)
         except Exception as e:
             if config.strict:
                 raise
@@ -62,15 +73,12 @@ def _backend_with(config: Config) -> Callable:
     return compile_with_structfx
 
 
-def _compile(gm: fx.GraphModule, example_inputs: list, config: Config, compile_fx):
+def _compile(gm: fx.GraphModule, example_inputs: list, config: Config, compile_fx,
+             store: FactorStore):
     sites = match_linears(gm, example_inputs, config)
-    plans, device = pipeline.plan(sites, config)
-    replaced = [p for p in plans if p.replaced]
-    layers = {}
-    if replaced:
-        inputs = pipeline.record_inputs(gm, [p.site for p in replaced], [example_inputs])
-        layers = pipeline.build_layers(plans, config, inputs)
-    report = pipeline.make_report(plans, layers, device)
+    result = pipeline.run(gm, sites, config, batches=[example_inputs], store=store)
+    decisions, layers, report = result.decisions, result.layers, result.report
+    replaced = [d for d in decisions if d.replaced]
     set_last_report(report)
     if config.report or os.environ.get("STRUCTFX_REPORT") == "1":
         print(report)
@@ -81,9 +89,9 @@ def _compile(gm: fx.GraphModule, example_inputs: list, config: Config, compile_f
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, env))
-    moved = [dataclasses.replace(p, site=dataclasses.replace(
-        p.site, node=env[p.site.node], x=env[p.site.x],
-        weight_nodes=[env[n] for n in p.site.weight_nodes])) for p in plans]
+    moved = [dataclasses.replace(d, site=dataclasses.replace(
+        d.site, node=env[d.site.node], x=env[d.site.x],
+        weight_nodes=[env[n] for n in d.site.weight_nodes])) for d in decisions]
     root = nn.Module()
     pipeline.apply(graph, moved, layers, root)
     new_gm = fx.GraphModule(root, graph)
@@ -110,7 +118,7 @@ class StaleWeightGuard:
             watched = [(s.weight_input, s.weight)]
             if s.bias_input is not None:
                 watched.append((s.bias_input, s.bias))
-            self.entries.append([p, layers[s.name][0], [(i, t, t._version) for i, t in watched]])
+            self.entries.append([p, layers[s.name].layer, [(i, t, t._version) for i, t in watched]])
 
     def check(self, args) -> None:
         for entry in self.entries:

@@ -11,6 +11,7 @@ from torch.export import Dim
 from . import pipeline
 from .config import Config
 from .passes.match import match_linears
+from .passes.store import FactorStore
 from .report import set_last_report
 from .timing import median_time
 
@@ -66,13 +67,15 @@ def _speedup(dense, small, args, repeats: int = 5) -> float:
 
 
 def compress(model: nn.Module, example_inputs: Any, config: Optional[Config] = None, *,
-             calibration: Optional[Iterable] = None, measure: bool = False) -> fx.GraphModule:
+             calibration: Optional[Iterable] = None, measure: bool = False,
+             store: Optional[FactorStore] = None) -> fx.GraphModule:
     """Return a new module (an FX GraphModule) computing ``model`` with structured layers.
 
     ``example_inputs``: a tensor or a tuple of positional inputs. ``calibration``: batches
     (each like ``example_inputs``) whose activations drive data-aware factorization; the report
     then shows output error on held-out calibration rows. ``measure``: time the dense and the
-    compressed model on ``example_inputs`` for the report. ``model`` and its weights are left
+    compressed model on ``example_inputs`` for the report. ``store``: a ``FactorStore`` to
+    reuse estimates, decisions and live factors across calls (default: a fresh one per call). ``model`` and its weights are left
     untouched; the result owns copies of everything it keeps, and its ``BlastLinear`` /
     ``SS1Linear`` submodules are trainable and sit at the original layers' paths.
     The graph is captured in the mode ``model`` is in (dropout / batch-norm behaviour is fixed
@@ -84,20 +87,17 @@ def compress(model: nn.Module, example_inputs: Any, config: Optional[Config] = N
     sites = match_linears(gm, None, config)
     if not any(s.tokens > 1 for s in sites):  # symbolic_trace graphs carry no shapes
         _propagate_shapes(gm, args, sites)
-    plans, device = pipeline.plan(sites, config)
-    replaced = [p.site for p in plans if p.replaced]
     batches = [args] + [_as_args(b) for b in (calibration or [])]
-    inputs = pipeline.record_inputs(gm, replaced, [_flat(gm, b) for b in batches])
-    layers = pipeline.build_layers(plans, config, inputs, calibrated=calibration is not None)
-
-    pipeline.apply(gm.graph, plans, layers, root=gm)
+    result = pipeline.run(gm, sites, config, batches=[_flat(gm, b) for b in batches],
+                          calibrated=calibration is not None, store=store)
+    pipeline.apply(gm.graph, result.decisions, result.layers, root=gm)
     _detach_from(gm, model)
     gm.recompile()
     # torch.export's unlifted module refuses .train()/.eval(); a plain GraphModule over the same
     # graph (same submodules, same pytree in/out handling) is an ordinary trainable module.
     gm = fx.GraphModule(gm, gm.graph, class_name="StructfxModule")
 
-    report = pipeline.make_report(plans, layers, device)
+    report = result.report
     report.model_params_before, report.model_params_after = _count(model), _count(gm)
     report.model_output_error = model_output_error(model, gm, args)
     if measure:

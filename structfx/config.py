@@ -38,7 +38,7 @@ class Config:
     blocks: Sequence[int] = (1, 2, 4, 8, 16)
     compressions: Sequence[int] = (2, 3, 4, 8)
     rank_fractions: Sequence[float] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
-    steps: int = 100
+    steps: int = 300                      # BLAST descent: at most this many (stops on convergence)
     estimate_steps: int = 15
     seed: int = 0
     device: Optional[str] = None          # device-table entry for the cost model; None: current

@@ -1,11 +1,18 @@
-"""The pass pipeline, top to bottom: capture -> match -> cost -> select -> factorize -> rewrite.
+"""The pass pipeline, top to bottom, in one place:
 
-``compress`` and the compile backend both call ``plan`` and ``apply``; they differ only in how
-they capture the graph and what they do with the result (return it, or lower it to inductor).
+    match (LinearSite) -> cost (Candidate) -> record -> estimate (Estimate) -> select (Decision)
+      -> factorize (Factorized) -> rewrite -> report
+
+``compress`` and the compile backend both call ``run`` (everything up to the rewrite) and then
+``apply`` (the rewrite); they differ only in how they capture the graph and what they do with
+the result (return it, or lower it to inductor). Each pass hands the next a frozen record;
+the report is built from the records. A layer whose estimate or factorization fails stays
+dense with the reason in the report (``Config.strict`` raises instead): one bad layer never
+throws away the others' work.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -13,208 +20,243 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from .config import Config
-from .passes import factorize, rewrite
+from .report import LayerDecision, Report
+from .passes import rewrite
 from .passes.cost_model import Candidate, CostModel, device_profile
+from .passes.estimate import Estimate, estimate_candidates
+from .passes.factorize import Factorized, build_layer, layer_seed
 from .passes.match import LinearSite
 from .passes.select import Option, select
-from .report import LayerDecision, Report
+from .passes.store import FactorStore, content_hash, decision_settings
 
 
-@dataclass
-class Plan:
-    """What the pipeline decided for one linear site."""
+@dataclass(frozen=True)
+class Decision:
+    """What select decided for one site."""
 
     site: LinearSite
     dense: Candidate
     chosen: Candidate
-    error_estimate: float = 0.0
+    estimate: Optional[Estimate] = None      # of the chosen candidate
+    reason: Optional[str] = None             # why it stays dense
 
     @property
     def replaced(self) -> bool:
         return self.chosen.structure != "dense"
 
 
-# ----------------------------------------------------------------------------- cost + select
-# Decisions already taken in this process, per (weight content, config): a graph compiled
-# again for new shapes (decode after prefill, a new batch size, a graph break that splits the
-# model differently) keeps its layers' structures instead of choosing, and factorizing, anew.
-_DECISIONS: dict[tuple[str, str], tuple[Candidate, float, Optional[str]]] = {}
-_NOT_DECISIONS = ("report", "progress", "strict", "on_stale", "cache_dir", "measure")
+@dataclass
+class Result:
+    decisions: list[Decision]
+    layers: dict[str, Factorized]
+    report: Report
+    store: FactorStore = field(repr=False, default=None)
 
 
-def _decision_key(site: LinearSite, config: Config) -> tuple[str, str]:
-    import dataclasses
-
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_DECISIONS}
-    return factorize.weight_key(site.linear_weight), repr(sorted(settings.items()))
-
-
-def _recall(plans: list[Plan], model: CostModel, config: Config) -> bool:
-    """Reuse earlier decisions if every eligible site of this graph has one."""
-    active = [p for p in plans if p.site.skip is None]
-    if not active:
-        return False
-    found = [_DECISIONS.get(_decision_key(p.site, config)) for p in active]
-    if any(f is None for f in found):
-        return False
-    for p, (cand, err, skip) in zip(active, found):
-        m, n, t = p.site.out_features, p.site.in_features, p.site.tokens
-        if cand.structure == "blast":
-            p.chosen = model.blast(m, n, t, cand.blocks, cand.rank)
-        elif cand.structure == "ss1":
-            p.chosen = model.ss1(m, n, t, cand.compression)
-        p.error_estimate, p.site.skip = err, skip
-    return True
-
-
-def plan(sites: list[LinearSite], config: Config, dtype: Optional[torch.dtype] = None
-         ) -> tuple[list[Plan], str]:
-    """Cost every candidate of every eligible site, estimate its error, pick under the budget
-    (or reuse the choices made for the same weights and config earlier in this process)."""
-    profile = device_profile(config.device)
-    active = [s for s in sites if s.skip is None]
-    if dtype is None:
-        dtype = active[0].weight.dtype if active else torch.float32
-    model = CostModel(profile, dtype=dtype, measure=config.measure)
-    plans, options = [], []
-    candidate_lists = []
-    for s in sites:
-        dense = model.dense(s.out_features, s.in_features, s.tokens)
-        plans.append(Plan(site=s, dense=dense, chosen=dense))
-    if _recall(plans, model, config):
-        return plans, profile.name
-    work = [(p, model.candidates(p.site.out_features, p.site.in_features, p.site.tokens, config))
-            for p in plans if p.site.skip is None]
-    total = sum(len(c) - 1 for _, c in work)
-    bar = tqdm(total=total, desc="structfx: estimating", disable=not config.progress or total == 0,
-               leave=False)
-    for p, cands in work:
-        errs = []
-        for c in cands:
-            errs.append(factorize.estimate_error(p.site, c, config))
-            bar.update(c.structure != "dense")
-        candidate_lists.append((p, cands, errs))
-        options.append([Option(params=c.params, flops=c.flops, error=e)
-                        for c, e in zip(cands, errs)])
-    bar.close()
-    for p, cands, _ in candidate_lists:
-        if len(cands) == 1:
-            p.site.skip = "no candidate predicted faster than dense"
-    if options:
-        sel = select(options, params=config.params, flops=config.flops,
-                     max_error=config.max_error)
-        for (p, cands, errs), k in zip(candidate_lists, sel.choice):
-            p.chosen, p.error_estimate = cands[k], errs[k]
-            if k == 0 and p.site.skip is None:
-                p.site.skip = "kept dense by the budget"
-    for p, _, _ in candidate_lists:
-        _DECISIONS[_decision_key(p.site, config)] = (p.chosen, p.error_estimate, p.site.skip)
-    return plans, profile.name
-
-
-# ----------------------------------------------------------------------------- factorize
+# ----------------------------------------------------------------------------- record
 def record_inputs(gm: fx.GraphModule, sites: Sequence[LinearSite],
                   batches: Sequence[Sequence], max_rows: int = 8192) -> dict[str, torch.Tensor]:
-    """Input rows ``(N, in_features)`` each site sees when ``gm`` runs on ``batches``."""
+    """Input rows ``(N, in_features)`` each site sees when ``gm`` runs on ``batches``. Sites
+    reading the same node (q, k and v projections) share one tensor."""
     watch: dict[fx.Node, list[str]] = {}
-    for s in sites:  # q, k and v projections read the same node
+    for s in sites:
         watch.setdefault(s.x, []).append(s.name)
-    rows: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+    rows: dict[fx.Node, list[torch.Tensor]] = {n: [] for n in watch}
 
     class Rec(fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
             if n in watch and isinstance(out, torch.Tensor):
-                flat = out.detach().reshape(-1, out.shape[-1])
-                for name in watch[n]:
-                    have = sum(r.shape[0] for r in rows[name])
-                    if have < max_rows:
-                        rows[name].append(flat[: max_rows - have])
+                have = sum(r.shape[0] for r in rows[n])
+                if have < max_rows:
+                    rows[n].append(out.detach().reshape(-1, out.shape[-1])[: max_rows - have])
             return out
 
     with torch.no_grad():
         for batch in batches:
             Rec(gm).run(*batch)
-    return {k: torch.cat(v) for k, v in rows.items() if v}
-
-
-def split_rows(x: torch.Tensor, held_out: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deterministic split into (fit, held-out) rows: every k-th row is held out."""
-    k = max(2, round(1 / held_out))
-    idx = torch.arange(x.shape[0])
-    return x[idx % k != 0], x[idx % k == 0]
-
-
-def output_error(layer: nn.Module, site: LinearSite, x: torch.Tensor) -> float:
-    with torch.no_grad():
-        W = site.linear_weight
-        ref = x.to(W.dtype) @ W.t()
-        b = layer.bias
-        got = layer(x.to(W.dtype)) - (b if b is not None else 0)
-        return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
-def build_layers(plans: list[Plan], config: Config,
-                 inputs: Optional[dict[str, torch.Tensor]] = None,
-                 calibrated: bool = False) -> dict[str, tuple[nn.Module, dict]]:
-    """Factorize every replaced site (progress bar; cached). With ``calibrated``, the layer's
-    recorded inputs drive the data-aware objective and the held-out rows give its output error."""
-    chosen = [p for p in plans if p.replaced]
     out = {}
-    for p in tqdm(chosen, desc="structfx: factorizing", disable=not config.progress or not chosen,
-                  leave=False):
-        x = (inputs or {}).get(p.site.name)
-        fit, held = split_rows(x) if (calibrated and x is not None and x.shape[0] >= 10) else (None, x)
-        layer, meta = factorize.build_layer(p.site, p.chosen, config, calib=fit)
-        if held is not None and held.shape[0]:
-            meta["output_error"] = output_error(layer, p.site, held)
-        out[p.site.name] = (layer, meta)
+    for node, names in watch.items():
+        if rows[node]:
+            x = torch.cat(rows[node])
+            for name in names:
+                out[name] = x
+    return out
+
+
+def _used_nodes(graph: fx.Graph) -> set:
+    """Nodes whose value reaches the graph's output."""
+    out = [n for n in graph.nodes if n.op == "output"]
+    seen, stack = set(), list(out)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+# ----------------------------------------------------------------------------- run
+def run(gm: fx.GraphModule, sites: list[LinearSite], config: Config, *,
+        batches: Sequence[Sequence] = (), calibrated: bool = False,
+        store: Optional[FactorStore] = None, dtype: Optional[torch.dtype] = None) -> Result:
+    """Decide and factorize every site of ``gm``. ``batches``: flat graph inputs to record
+    activations on (the example inputs first); ``calibrated``: they are calibration data
+    (data-aware estimates and factorizations, held-out output errors)."""
+    store = store if store is not None else FactorStore()
+    used = _used_nodes(gm.graph)
+    reasons = {s.name: s.skip for s in sites}
+    for s in sites:
+        if reasons[s.name] is None and s.node not in used:
+            reasons[s.name] = "its output is never used"
+    active = [s for s in sites if reasons[s.name] is None]
+    profile = device_profile(config.device)
+    if dtype is None:
+        dtype = active[0].weight.dtype if active else torch.float32
+    model = CostModel(profile, dtype=dtype, measure=config.measure)
+    dense = {s.name: model.dense(s.out_features, s.in_features, s.tokens) for s in sites}
+
+    decisions = _recall(active, dense, model, config, store)
+    rows: dict[str, torch.Tensor] = {}
+    if decisions is None:
+        rows = record_inputs(gm, active, batches) if (batches and calibrated) else {}
+        decisions = _decide(active, dense, model, config, store, rows if calibrated else {},
+                            reasons)
+    chosen = [d for d in decisions.values() if d.replaced]
+    if not calibrated and chosen and batches:
+        rows = record_inputs(gm, [d.site for d in chosen], batches[:1])
+    layers: dict[str, Factorized] = {}
+    for d in tqdm(chosen, desc="structfx: factorizing", leave=False,
+                  disable=not config.progress or not chosen):
+        x = rows.get(d.site.name)
+        try:
+            layers[d.site.name] = build_layer(
+                d.site, d.chosen, config, store, calib=x if calibrated else None,
+                example_rows=None if calibrated else x)
+        except Exception as e:
+            if config.strict:
+                raise
+            decisions[d.site.name] = Decision(d.site, d.dense, d.dense,
+                                              reason=f"factorization failed: {_why(e)}")
+    ordered = [decisions.get(s.name) or Decision(s, dense[s.name], dense[s.name],
+                                                 reason=reasons[s.name]) for s in sites]
+    report = make_report(ordered, layers, profile.name)
+    return Result(ordered, layers, report, store)
+
+
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:200]
+
+
+def _key(site: LinearSite, config: Config, store: FactorStore) -> tuple:
+    return store.weight_hash(site.linear_weight), decision_settings(config)
+
+
+def _recall(active, dense, model: CostModel, config: Config, store: FactorStore):
+    """Earlier decisions for every active site (same weights, same decision settings), re-costed
+    at this graph's token counts; None unless all are there."""
+    found = [store.decisions.get(_key(s, config, store)) for s in active]
+    if not active or any(f is None for f in found):
+        return None
+    out = {}
+    for s, d in zip(active, found):
+        m, n, t = s.out_features, s.in_features, s.tokens
+        c = d.chosen
+        if c.structure == "blast":
+            c = model.blast(m, n, t, c.blocks, c.rank)
+        elif c.structure == "ss1":
+            c = model.ss1(m, n, t, c.compression)
+        else:
+            c = dense[s.name]
+        out[s.name] = Decision(s, dense[s.name], c, d.estimate, d.reason)
+    return out
+
+
+def _decide(active, dense, model: CostModel, config: Config, store: FactorStore,
+            rows: dict, reasons: dict) -> dict[str, Decision]:
+    work = [(s, model.candidates(s.out_features, s.in_features, s.tokens, config))
+            for s in active]
+    bar = tqdm(total=sum(len(c) > 1 for _, c in work), desc="structfx: estimating",
+               leave=False, disable=not config.progress)
+    priced = []
+    for s, cands in work:
+        if len(cands) == 1:
+            priced.append((s, cands, [Estimate(0.0, None)],
+                           "no candidate predicted faster than dense"))
+            continue
+        calib = rows.get(s.name)
+        try:
+            key = (store.weight_hash(s.linear_weight), repr([c.describe() for c in cands]),
+                   config.estimate_steps, config.seed,
+                   None if calib is None else content_hash(calib))
+            ests = store.estimate(repr(key), lambda: estimate_candidates(
+                s.linear_weight, cands, seed=config.seed, steps=config.estimate_steps,
+                ss1_seed=layer_seed(config.seed, s.name), calib=calib))
+            priced.append((s, cands, ests, None))
+        except Exception as e:
+            if config.strict:
+                raise
+            priced.append((s, cands[:1], [Estimate(0.0, None)], f"estimate failed: {_why(e)}"))
+        bar.update(1)
+    bar.close()
+    out: dict[str, Decision] = {}
+    if priced:
+        options = [[Option(params=c.params, flops=c.flops, error=e.price if k else 0.0)
+                    for k, (c, e) in enumerate(zip(cands, ests))]
+                   for _, cands, ests, _ in priced]
+        sel = select(options, params=config.params, flops=config.flops,
+                     max_error=config.max_error)
+        for (s, cands, ests, why), k in zip(priced, sel.choice):
+            reason = why or (None if k else "kept dense by the budget")
+            out[s.name] = Decision(s, cands[0], cands[k], ests[k] if k else None, reason)
+    for d in out.values():
+        store.decisions[_key(d.site, config, store)] = d
     return out
 
 
 # ----------------------------------------------------------------------------- rewrite
-def apply(graph: fx.Graph, plans: list[Plan], layers: dict[str, tuple[nn.Module, dict]],
+def apply(graph: fx.Graph, decisions: list[Decision], layers: dict[str, Factorized],
           root: nn.Module) -> None:
     """Rewrite ``graph`` in place so replaced sites call their modules, drop the dense weights
     no node reads any more from ``root``, and install the modules on ``root`` at the layers'
     own paths (freed first, so ``fc1`` becomes the BlastLinear rather than ``fc1_structfx``)."""
     new_nodes, freed = [], []
-    for p in plans:
-        if p.replaced:
-            node, dead = rewrite.replace_node(graph, p.site, p.site.name)
-            new_nodes.append((p.site.name, node))
+    for d in decisions:
+        if d.replaced:
+            node, dead = rewrite.replace_node(graph, d.site, d.site.name)
+            new_nodes.append((d.site.name, node))
             freed += dead
     rewrite.drop_unused_attrs(graph, root, freed)
     for name, node in new_nodes:
-        node.target = rewrite.install(root, name, layers[name][0])
+        node.target = rewrite.install(root, name, layers[name].layer)
     graph.lint()
 
 
 # ----------------------------------------------------------------------------- report
-def make_report(plans: list[Plan], layers: dict[str, tuple[nn.Module, dict]],
-                device: str) -> Report:
+def make_report(decisions: list[Decision], layers: dict[str, Factorized], device: str) -> Report:
     rows = []
     dense_flops = structured_flops = 0
     dense_time = structured_time = 0.0
-    for p in plans:
-        s, d, c = p.site, p.dense, p.chosen
-        meta = layers.get(s.name, (None, {}))[1]
-        dense_flops += d.flops
+    for d in decisions:
+        s, dn, c = d.site, d.dense, d.chosen
+        f = layers.get(s.name) if d.replaced else None
+        dense_flops += dn.flops
         structured_flops += c.flops
-        dense_time += d.time_s
+        dense_time += dn.time_s
         structured_time += c.time_s
+        timed = d.replaced and c.time_s > 0
         rows.append(LayerDecision(
             name=s.name, shape=(s.out_features, s.in_features), tokens=s.tokens,
-            dense_mflops=d.flops / 1e6, structure=_structure(c), settings=_settings(c),
-            params=c.params, dense_params=d.params,
-            weight_error=meta.get("error") if p.replaced else None,
-            output_error=meta.get("output_error") if p.replaced else None,
-            predicted_speedup=(d.time_s / c.time_s) if p.replaced and c.time_s > 0
-            and not c.measured else None,
-            measured_speedup=(d.time_s / c.time_s) if p.replaced and c.time_s > 0
-            and c.measured and d.measured else None,
-            skip=s.skip if not p.replaced else None))
-    if any(p.chosen.measured for p in plans):
+            dense_mflops=dn.flops / 1e6, structure=_structure(c), settings=_settings(c),
+            params=c.params, dense_params=dn.params,
+            weight_error=f.weight_error if f else None,
+            output_error=f.output_error if f else None,
+            predicted_speedup=(dn.time_s / c.time_s) if timed and not c.measured else None,
+            measured_speedup=(dn.time_s / c.time_s) if timed and c.measured and dn.measured
+            else None,
+            skip=d.reason if not d.replaced else None))
+    if any(d.chosen.measured for d in decisions):
         device = f"{device}, candidates timed"
     return Report(layers=rows, device=device, dense_flops=dense_flops,
                   structured_flops=structured_flops,

@@ -7,7 +7,7 @@ from torch import nn
 
 import structfx
 from structfx import BlastLinear, Config, SS1Linear
-from structfx.passes.factor_cache import GLOBAL_CACHE
+from structfx.passes.store import FactorStore
 
 transformers = pytest.importorskip("transformers")
 
@@ -126,7 +126,8 @@ def test_output_error_in_report_is_the_layer_error():
 def test_no_recompile_or_refactorize_on_second_call_and_dynamic_batch():
     model = mlp()
     calls = []
-    inner = structfx.backend(CFG)
+    store = FactorStore()
+    inner = structfx.backend(CFG, store=store)
 
     def counting(gm, ex, **kw):
         calls.append(1)
@@ -136,13 +137,14 @@ def test_no_recompile_or_refactorize_on_second_call_and_dynamic_batch():
     compiled = torch.compile(model, backend=counting)
     x = torch.randn(4, 128)
     compiled(x)
-    misses = GLOBAL_CACHE.misses
+    made = store.factorizations
+    assert made > 0
     compiled(torch.randn(4, 128))
-    assert len(calls) == 1 and GLOBAL_CACHE.misses == misses
+    assert len(calls) == 1 and store.factorizations == made
     for b in (7, 11, 13):  # new batch sizes: at most one dynamic recompile, no factorization
         y = compiled(torch.randn(b, 128))
         assert y.shape == (b, 64)
-    assert len(calls) <= 2 and GLOBAL_CACHE.misses == misses
+    assert len(calls) <= 2 and store.factorizations == made
 
 
 def test_tied_weights_skipped_with_reason():
@@ -235,7 +237,7 @@ def test_fallback_warns_and_strict_raises(monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("planner exploded")
 
-    monkeypatch.setattr(pipeline, "plan", boom)
+    monkeypatch.setattr(pipeline, "run", boom)
     model = mlp()
     x = torch.randn(4, 128)
     with pytest.warns(UserWarning, match="planner exploded"):
@@ -249,13 +251,13 @@ def test_disk_cache_round_trip(tmp_path):
     model = mlp()
     x = torch.randn(4, 128)
     cfg = CFG.replace(cache_dir=str(tmp_path))
-    a = structfx.compress(model, (x,), cfg)
+    first = FactorStore()
+    a = structfx.compress(model, (x,), cfg, store=first)
     files = list(tmp_path.glob("*.safetensors"))
-    assert files
-    GLOBAL_CACHE.clear()
-    misses = GLOBAL_CACHE.misses
-    b = structfx.compress(model, (x,), cfg)
-    assert GLOBAL_CACHE.misses == misses  # everything came from disk
+    assert files and first.factorizations == len(files)
+    second = FactorStore()
+    b = structfx.compress(model, (x,), cfg, store=second)
+    assert second.factorizations == 0 and second.hits == len(files)  # all from disk
     assert torch.equal(a(x), b(x))
 
 
@@ -294,22 +296,18 @@ def test_calibrated_compress_reports_held_out_error():
     assert row.output_error == pytest.approx(err(aware), rel=0.5)
 
 
-def test_prefill_and_decode_graphs_share_decisions_and_factors(monkeypatch):
-    from structfx.passes import factorize
-
+def test_prefill_and_decode_graphs_share_decisions_and_factors():
     model = tiny_gpt2()
     model.config.use_cache = True
     torch._dynamo.reset()
     structfx.clear_reports()
-    compiled = torch.compile(model, backend=structfx.backend(CFG))
+    store = FactorStore()
+    compiled = torch.compile(model, backend=structfx.backend(CFG, store=store))
     prompt = torch.randint(0, 100, (2, 16))
     with torch.no_grad():
         out = compiled(input_ids=prompt, use_cache=True)
-        misses = GLOBAL_CACHE.misses
-        estimates = []
-        real = factorize.estimate_error
-        monkeypatch.setattr(factorize, "estimate_error",
-                            lambda *a, **k: estimates.append(1) or real(*a, **k))
+        made, estimated = store.factorizations, store.estimations
+        assert made > 0 and estimated > 0
         nxt = out.logits[:, -1:].argmax(-1)
         compiled(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
     reps = [r for r in structfx.reports() if r.layers]
@@ -318,8 +316,8 @@ def test_prefill_and_decode_graphs_share_decisions_and_factors(monkeypatch):
     assert {d.tokens for d in first.layers} != {d.tokens for d in last.layers}
     assert ([(d.name, d.structure, d.settings) for d in first.layers]
             == [(d.name, d.structure, d.settings) for d in last.layers])
-    assert GLOBAL_CACHE.misses == misses  # the decode graph factorized nothing new
-    assert not estimates                  # ... and did not choose again
+    assert store.factorizations == made     # the decode graph factorized nothing new
+    assert store.estimations == estimated   # ... and did not choose again
 
 
 def test_symbolic_trace_graph_is_matched_by_call_module():

@@ -1,0 +1,99 @@
+"""Estimate pass: the error of every candidate of a layer, without factorizing each one.
+
+* Low rank (BLAST with b = 1): one SVD prices every rank exactly. Data-free, the SVD of ``W``
+  (the error at rank ``k`` is the tail of its spectrum); data-aware, the SVD of the whitened
+  ``W K`` (``K K^T`` the Gram of the fit rows), whose truncation is the output-optimal rank-k
+  layer (SVD-LLM); its held-out output error for every ``k`` is a weighted tail sum.
+* BLAST at b >= 2: one factorization at the grid's largest rank, cut to each smaller rank
+  (``factorize_blast.blast_error_curve``): one per (layer, b), not one per candidate.
+* SS1: the projection is closed form; it is the estimate.
+
+With calibration rows a candidate is priced by its output error on the held-out rows (the one
+rule, ``factorize_blast.split_calib``); data-free, by its weight error.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .factorize_blast import LOWRANK_RIDGE, blast_error_curve, split_calib
+from .project_ss1 import project_ss1
+from .spd_solve import psd_factor
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What the estimate pass knows about one candidate."""
+
+    weight_error: float
+    output_error: Optional[float]   # on held-out calibration rows (None: data-free)
+
+    @property
+    def price(self) -> float:
+        """The error the budget is allocated by: what the user sees, where it is known."""
+        return self.weight_error if self.output_error is None else self.output_error
+
+
+def lowrank_spectrum(weight: Tensor, calib: Optional[Tensor] = None):
+    """``(A, B, tails)``: ``W ~ A[:, :k] B[:, :k]^T`` is the best rank-``k`` layer for every
+    ``k`` (for the output error on the fit rows when ``calib`` is given), and ``tails(k)``
+    gives its ``(weight error, held-out output error)``."""
+    W = weight.detach().double()
+    m, n = W.shape
+    if calib is None:
+        U, s, Vh = torch.linalg.svd(W, full_matrices=False)
+        A, B = U * s, Vh.mT
+        w2 = s.pow(2)
+        total = float(w2.sum())
+
+        def tails(k: int):
+            return math.sqrt(float(w2[k:].sum()) / total) if total > 0 else 0.0, None
+        return A, B, tails
+    X = calib.detach().double().reshape(-1, n)
+    fit, held = split_calib(X)
+    C = fit.mT @ fit
+    K = psd_factor(C, LOWRANK_RIDGE * C.diagonal().mean().clamp_min(1e-300))
+    U, s, Vh = torch.linalg.svd(W @ K, full_matrices=False)
+    Bm = torch.linalg.solve_triangular(K, Vh, upper=False, left=False).mT     # K^-T v_i
+    A = U * s
+    # W = sum_i s_i u_i b_i^T exactly, with orthonormal u_i: the residual of a truncation
+    # is the tail, and its norms are weighted tail sums.
+    wt = s.pow(2) * Bm.pow(2).sum(0)                                          # weight space
+    Xh = held @ Bm                                                            # (N_h, k)
+    ht = s.pow(2) * Xh.pow(2).sum(0)                                          # held-out rows
+    w_total, h_total = float(W.pow(2).sum()), float((held @ W.mT).pow(2).sum())
+
+    def tails(k: int):
+        we = math.sqrt(max(float(wt[k:].sum()), 0.0) / w_total) if w_total > 0 else 0.0
+        he = math.sqrt(max(float(ht[k:].sum()), 0.0) / h_total) if h_total > 0 else 0.0
+        return we, he
+    return A, Bm, tails
+
+
+def estimate_candidates(weight: Tensor, candidates: list, *, seed: int, ss1_seed: int,
+                        steps: int, calib: Optional[Tensor] = None) -> list[Estimate]:
+    """One ``Estimate`` per candidate (dense first: error 0)."""
+    out: list[Optional[Estimate]] = [None] * len(candidates)
+    by_blocks: dict[tuple, list[int]] = {}
+    for i, c in enumerate(candidates):
+        if c.structure == "dense":
+            out[i] = Estimate(0.0, 0.0 if calib is not None else None)
+        elif c.structure == "ss1":
+            f = project_ss1(weight, c.compression, ss1_seed, calib=calib)
+            out[i] = Estimate(f.error, f.output_error)
+        else:
+            by_blocks.setdefault(tuple(c.blocks), []).append(i)
+    for blocks, idx in by_blocks.items():
+        ranks = [candidates[i].rank for i in idx]
+        if blocks == (1, 1):
+            _, _, tails = lowrank_spectrum(weight, calib)
+            errs = [tails(r) for r in ranks]
+        else:
+            errs = blast_error_curve(weight, blocks, ranks, steps, calib, seed=seed)
+        for i, (we, oe) in zip(idx, errs):
+            out[i] = Estimate(we, oe)
+    return out
