@@ -100,11 +100,18 @@ def _used_nodes(graph: fx.Graph) -> set:
 # ----------------------------------------------------------------------------- run
 def run(gm: fx.GraphModule, sites: list[LinearSite], config: Config, *,
         batches: Sequence[Sequence] = (), calibrated: bool = False,
-        store: Optional[FactorStore] = None, dtype: Optional[torch.dtype] = None) -> Result:
+        store: Optional[FactorStore] = None, dtype: Optional[torch.dtype] = None,
+        group=None) -> Result:
     """Decide and factorize every site of ``gm``. ``batches``: flat graph inputs to record
     activations on (the example inputs first); ``calibrated``: they are calibration data
-    (data-aware estimates and factorizations, held-out output errors)."""
+    (data-aware estimates and factorizations, held-out output errors).
+
+    Under ``torch.distributed`` (``group``, or the default group when one is initialized:
+    ``torchrun --nproc-per-node N``), the ranks split the layers: each estimates and
+    factorizes its share, estimates and factors are all-gathered, and every rank ends with
+    the same decisions and the same model."""
     store = store if store is not None else FactorStore()
+    dist = _Dist(group)
     used = _used_nodes(gm.graph)
     reasons = {s.name: s.skip for s in sites}
     for s in sites:
@@ -122,13 +129,16 @@ def run(gm: fx.GraphModule, sites: list[LinearSite], config: Config, *,
     if decisions is None:
         rows = record_inputs(gm, active, batches) if (batches and calibrated) else {}
         decisions = _decide(active, dense, model, config, store, rows if calibrated else {},
-                            reasons)
+                            reasons, dist)
     chosen = [d for d in decisions.values() if d.replaced]
     if not calibrated and chosen and batches:
         rows = record_inputs(gm, [d.site for d in chosen], batches[:1])
     layers: dict[str, Factorized] = {}
-    for d in tqdm(chosen, desc="structfx: factorizing", leave=False,
-                  disable=not config.progress or not chosen):
+    failed: dict[str, str] = {}
+    mine = dist.share(chosen, lambda d: d.site.out_features * d.site.in_features * d.chosen.rank
+                      if d.chosen.structure == "blast" else d.site.out_features)
+    for d in tqdm(mine, desc="structfx: factorizing", leave=False,
+                  disable=not config.progress or not mine):
         x = rows.get(d.site.name)
         try:
             layers[d.site.name] = build_layer(
@@ -137,8 +147,13 @@ def run(gm: fx.GraphModule, sites: list[LinearSite], config: Config, *,
         except Exception as e:
             if config.strict:
                 raise
-            decisions[d.site.name] = Decision(d.site, d.dense, d.dense,
-                                              reason=f"factorization failed: {_why(e)}")
+            failed[d.site.name] = f"factorization failed: {_why(e)}"
+    if dist.world > 1:
+        layers, failed = dist.gather_layers(layers, failed, {d.site.name: d for d in chosen},
+                                            config, store)
+    for name, why in failed.items():
+        d = decisions[name]
+        decisions[name] = Decision(d.site, d.dense, d.dense, reason=why)
     ordered = [decisions.get(s.name) or Decision(s, dense[s.name], dense[s.name],
                                                  reason=reasons[s.name]) for s in sites]
     report = make_report(ordered, layers, profile.name)
@@ -174,17 +189,19 @@ def _recall(active, dense, model: CostModel, config: Config, store: FactorStore)
 
 
 def _decide(active, dense, model: CostModel, config: Config, store: FactorStore,
-            rows: dict, reasons: dict) -> dict[str, Decision]:
+            rows: dict, reasons: dict, dist: "_Dist") -> dict[str, Decision]:
     work = [(s, model.candidates(s.out_features, s.in_features, s.tokens, config))
             for s in active]
-    bar = tqdm(total=sum(len(c) > 1 for _, c in work), desc="structfx: estimating",
-               leave=False, disable=not config.progress)
-    priced = []
+    todo = dist.share([w for w in work if len(w[1]) > 1],
+                      lambda w: w[0].out_features * w[0].in_features * len(w[1]))
+    bar = tqdm(total=len(todo), desc="structfx: estimating", leave=False,
+               disable=not config.progress)
+    priced = {}
     for s, cands in work:
         if len(cands) == 1:
-            priced.append((s, cands, [Estimate(0.0, None)],
-                           "no candidate predicted faster than dense"))
-            continue
+            priced[s.name] = (s, cands, [Estimate(0.0, None)],
+                              "no candidate predicted faster than dense")
+    for s, cands in todo:
         calib = rows.get(s.name)
         try:
             key = (store.weight_hash(s.linear_weight), repr([c.describe() for c in cands]),
@@ -193,13 +210,20 @@ def _decide(active, dense, model: CostModel, config: Config, store: FactorStore,
             ests = store.estimate(repr(key), lambda: estimate_candidates(
                 s.linear_weight, cands, seed=config.seed, steps=config.estimate_steps,
                 ss1_seed=layer_seed(config.seed, s.name), calib=calib))
-            priced.append((s, cands, ests, None))
+            priced[s.name] = (s, cands, ests, None)
         except Exception as e:
             if config.strict:
                 raise
-            priced.append((s, cands[:1], [Estimate(0.0, None)], f"estimate failed: {_why(e)}"))
+            priced[s.name] = (s, cands[:1], [Estimate(0.0, None)], f"estimate failed: {_why(e)}")
         bar.update(1)
     bar.close()
+    if dist.world > 1:   # every rank needs every layer's estimates to select the same way
+        by_name = {s.name: (s, c) for s, c in work}
+        for name, (ncands, ests, why) in dist.gather_estimates(
+                {n: (len(p[1]), p[2], p[3]) for n, p in priced.items()}).items():
+            s, cands = by_name[name]
+            priced[name] = (s, cands[:ncands], ests, why)
+    priced = [priced[s.name] for s, _ in work]
     out: dict[str, Decision] = {}
     if priced:
         options = [[Option(params=c.params, flops=c.flops, error=e.price if k else 0.0)
@@ -213,6 +237,61 @@ def _decide(active, dense, model: CostModel, config: Config, store: FactorStore,
     for d in out.values():
         store.decisions[_key(d.site, config, store)] = d
     return out
+
+
+# ----------------------------------------------------------------------------- ranks
+class _Dist:
+    """The layer split over ``torch.distributed`` ranks (a no-op in one process)."""
+
+    def __init__(self, group=None):
+        import torch.distributed as td
+
+        self.td = td
+        self.group = group
+        on = td.is_available() and td.is_initialized()
+        self.world = td.get_world_size(group) if on else 1
+        self.rank = td.get_rank(group) if on else 0
+
+    def share(self, items: list, cost) -> list:
+        """This rank's items: greedy longest-processing-time split by ``cost``, identical on
+        every rank (items come in graph order, ties broken by position)."""
+        if self.world == 1:
+            return list(items)
+        load = [0.0] * self.world
+        owner = {}
+        for i in sorted(range(len(items)), key=lambda i: (-cost(items[i]), i)):
+            r = min(range(self.world), key=lambda r: (load[r], r))
+            owner[i] = r
+            load[r] += cost(items[i])
+        return [it for i, it in enumerate(items) if owner[i] == self.rank]
+
+    def _all_gather(self, obj) -> list:
+        out = [None] * self.world
+        self.td.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def gather_estimates(self, mine: dict) -> dict:
+        merged = {}
+        for part in self._all_gather(mine):
+            merged.update(part)
+        return merged
+
+    def gather_layers(self, layers: dict, failed: dict, chosen: dict, config, store):
+        from .passes.factorize import _module
+
+        mine = {n: ({k: v.detach().cpu() for k, v in f.layer.named_parameters() if k != "bias"},
+                    f.weight_error, f.output_error) for n, f in layers.items()}
+        out, bad = {}, {}
+        for part, why in self._all_gather((mine, failed)):
+            bad.update(why)
+            for name, (state, we, oe) in part.items():
+                if name in layers:
+                    out[name] = layers[name]
+                    continue
+                d = chosen[name]
+                layer = _module(d.site, d.chosen, config, state)
+                out[name] = Factorized(layer, we, oe)
+        return out, bad
 
 
 # ----------------------------------------------------------------------------- rewrite
