@@ -8,24 +8,14 @@ through the ``torch.ops.structfx`` ops, so they work in eager, ``torch.compile``
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .kernels import ops, ss1_hash
 from .kernels.reference import blast_dense_weight
-
-Blocks = Union[int, tuple[int, int]]
-
-
-def _pair(blocks: Blocks) -> tuple[int, int]:
-    if isinstance(blocks, int) and not isinstance(blocks, bool):
-        return blocks, blocks
-    if (isinstance(blocks, (tuple, list)) and len(blocks) == 2
-            and all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)):
-        return int(blocks[0]), int(blocks[1])
-    raise ValueError(f"blocks must be an int or a pair of ints (b1, b2), got {blocks!r}")
+from .kernels.shapes import Blocks, block_pair
 
 
 def _check_features(cls: str, in_features: int, out_features: int) -> None:
@@ -64,7 +54,7 @@ class BlastLinear(nn.Module):
                  bias: bool = True, device=None, dtype=None):
         super().__init__()
         _check_features("BlastLinear", in_features, out_features)
-        b1, b2 = _pair(blocks)
+        b1, b2 = block_pair(blocks)
         if b1 < 1 or b2 < 1:
             raise ValueError(f"BlastLinear: blocks must be >= 1, got {(b1, b2)}")
         if b1 > out_features or b2 > in_features:
@@ -105,7 +95,7 @@ class BlastLinear(nn.Module):
         from .passes.factorize_blast import blast_rank_for_params, factorize_blast
 
         m, n = weight.shape
-        b1, b2 = _pair(blocks)
+        b1, b2 = block_pair(blocks)
         if rank is not None and params is not None:
             raise ValueError("BlastLinear.from_linear: give rank or params, not both")
         if rank is None:
