@@ -41,6 +41,19 @@ def _linear_weight(linear: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tens
     return linear.weight.detach(), (None if linear.bias is None else linear.bias.detach())
 
 
+def _adopt(layer: nn.Module, f, bias: Optional[torch.Tensor], **factors: torch.Tensor):
+    """``from_linear``'s last step: the factors and the dense bias copied into ``layer``, the
+    factorizer's errors (``f.error``, ``f.output_error``) kept on it."""
+    with torch.no_grad():
+        for name, value in factors.items():
+            getattr(layer, name).copy_(value)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    layer.factorization_error = f.error
+    layer.output_error = f.output_error
+    return layer
+
+
 class BlastLinear(nn.Module):
     """``y = x @ W.T + bias`` with ``W`` a BLAST matrix (spec/blast.md).
 
@@ -103,15 +116,7 @@ class BlastLinear(nn.Module):
         layer = cls(n, m, (b1, b2), rank, bias=bias is not None, device=weight.device,
                     dtype=weight.dtype)
         f = factorize_blast(weight, (b1, b2), rank, calib=calib, **factorize_kwargs)
-        with torch.no_grad():
-            layer.U.copy_(f.U)
-            layer.S.copy_(f.S)
-            layer.V.copy_(f.V)
-            if bias is not None:
-                layer.bias.copy_(bias)
-        layer.factorization_error = f.error
-        layer.output_error = f.output_error
-        return layer
+        return _adopt(layer, f, bias, U=f.U, S=f.S, V=f.V)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input("BlastLinear", x, self.in_features)
@@ -187,13 +192,7 @@ class SS1Linear(nn.Module):
                     block_n=block_n, device=weight.device, dtype=weight.dtype)
         f = project_ss1(weight, compression, seed, calib=calib, block_k=block_k,
                         block_n=block_n, **project_kwargs)
-        with torch.no_grad():
-            layer.P.copy_(f.P)
-            if bias is not None:
-                layer.bias.copy_(bias)
-        layer.factorization_error = f.error
-        layer.output_error = f.output_error
-        return layer
+        return _adopt(layer, f, bias, P=f.P)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input("SS1Linear", x, self.in_features)
