@@ -12,11 +12,12 @@ import torch.nn.functional as F
 
 
 def split_blocks(x2d: torch.Tensor, blocks: int, width: int) -> torch.Tensor:
-    """``(T, k)`` -> ``(blocks, T, width)`` view (zero-padded copy only when k < blocks*width)."""
+    """``(T, k)`` -> ``(blocks, T, width)``: a view when ``x2d`` has unit column stride (any row
+    stride); a zero-padded copy only when ``k < blocks*width``."""
     T, k = x2d.shape
     if k < blocks * width:
         x2d = F.pad(x2d, (0, blocks * width - k))
-    return x2d.view(T, blocks, width).transpose(0, 1)
+    return x2d.reshape(T, blocks, width).transpose(0, 1)
 
 
 def merge_blocks(y: torch.Tensor, features: int) -> torch.Tensor:
@@ -48,20 +49,27 @@ def blast_forward_torch(x2d, U, S, V, bias, out_features: int) -> torch.Tensor:
     return y if bias is None else y.add_(bias)
 
 
-def blast_backward_torch(dy2d, x2d, U, S, V, out_features: int):
-    """Gradients ``(dx, dU, dS, dV, dbias)``; ``z`` and ``w`` are recomputed, not saved."""
+def blast_backward_torch(dy2d, x2d, U, S, V, out_features: int, needs=(True,) * 5):
+    """Gradients ``(dx, dU, dS, dV, dbias)``, each only where ``needs`` says (``None``
+    otherwise); ``z`` and ``w`` are recomputed, not saved."""
+    need_x, need_U, need_S, need_V, need_b = (bool(f) for f in needs)
     b1, p, _ = U.shape
     b2, q, _ = V.shape
     n = x2d.shape[1]
     xb = split_blocks(x2d, b2, q)                              # (b2, T, q)
     dyb = split_blocks(dy2d, b1, p)                            # (b1, T, p)
-    z = torch.bmm(xb, V)                                       # (b2, T, r)
-    w = mix(S, z)                                              # (b1, T, r)
-    dw = torch.bmm(dyb, U)                                     # (b1, T, r)
-    dz = mix(S.transpose(0, 1), dw)                            # (b2, T, r)
-    dx = merge_blocks(torch.bmm(dz, V.transpose(1, 2)), n)     # (T, n)
-    dU = torch.bmm(dyb.transpose(1, 2), w)                     # (b1, p, r)
-    dV = torch.bmm(xb.transpose(1, 2), dz)                     # (b2, q, r)
-    dS = torch.einsum("itr,jtr->ijr", dw, z)                   # (b1, b2, r)
-    dbias = dy2d.sum(0)
+    dx = dU = dS = dV = dbias = None
+    z = torch.bmm(xb, V) if need_U or need_S else None        # (b2, T, r)
+    dw = torch.bmm(dyb, U) if need_x or need_S or need_V else None  # (b1, T, r)
+    dz = mix(S.transpose(0, 1), dw) if need_x or need_V else None   # (b2, T, r)
+    if need_x:
+        dx = merge_blocks(torch.bmm(dz, V.transpose(1, 2)), n)  # (T, n)
+    if need_U:
+        dU = torch.bmm(dyb.transpose(1, 2), mix(S, z))          # (b1, p, r); w = mix(S, z)
+    if need_V:
+        dV = torch.bmm(xb.transpose(1, 2), dz)                  # (b2, q, r)
+    if need_S:
+        dS = torch.einsum("itr,jtr->ijr", dw, z)                # (b1, b2, r)
+    if need_b:
+        dbias = dy2d.sum(0)
     return dx, dU, dS, dV, dbias

@@ -53,24 +53,27 @@ kernel runs with ``U' = V``, ``S' = S.transpose(0, 1)`` as a strided view, input
 ``dS[i, j] = sum_t dw[i] * z[j]`` are torch ``bmm`` on those Triton-produced intermediates.
 
 Dtypes: the factors and the bias are cast to ``x.dtype`` in the wrappers (a mismatch, e.g.
-fp32 master factors with bf16 activations, is not an error). Under ``TRITON_INTERPRET=1``
-there is one small autotune config and ``DOT_FP32`` upcasts the ``tl.dot`` operands to fp32
+fp32 master factors with bf16 activations, is not an error). The launchers take arguments
+``ops.check_blast_args`` has accepted (the op checks them once, before any kernel runs). In
+the interpreter (``triton_common.INTERPRET``) there is one small autotune config and ``DOT_FP32`` upcasts the ``tl.dot`` operands to fp32
 (the interpreter's bf16/fp16 ``tl.dot`` returns garbage); on the GPU the operands stay in the
 input dtype (tensor cores). fp32 inputs use ``input_precision="ieee"`` unless
 ``torch.backends.cuda.matmul.allow_tf32`` is set (matching ``F.linear``).
 """
 from __future__ import annotations
 
-import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read at import: picks the configs
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from . import ops
+from .blast_torch import split_blocks
+from .shapes import next_pow2
+from .triton_common import INTERPRET
+
 _MAX_T_BUCKET = 4096
 # Mix loops over <= this many block-columns are unrolled (tl.static_range). sm_90 compiles
 # (ptxas, no GPU run) showed NJ = 16 unrolled at 254-255 registers and a spill with the
@@ -87,7 +90,7 @@ def _small_cfg(*names: str) -> list[triton.Config]:
     return [_cfg(4, 1, **{n: 16 for n in names})]
 
 
-if _INTERPRET:
+if INTERPRET:
     _GEMM_CONFIGS = _small_cfg("BLOCK_T", "BLOCK_R", "BLOCK_K")
     _MIXGEMM_CONFIGS = _small_cfg("BLOCK_T", "BLOCK_P", "BLOCK_R")
     _MIX_CONFIGS = _small_cfg("BLOCK_T", "BLOCK_R")
@@ -124,10 +127,6 @@ else:  # H100 / H200 oriented; the pruner below clamps tiles to the problem size
     ]
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 _FMA_TILE_AREA = 64 * 64  # largest output tile kept when the dot runs on FMA units
 
 
@@ -141,7 +140,7 @@ def _clamp_pruner(caps: dict[str, str], area: tuple[str, str] | None = None):
     sm_90 compiles they spill registers heavily (ptxas, not measured on a GPU)."""
 
     def prune(configs, named_args, **kwargs):
-        limit = {blk: max(16, _pow2(named_args[arg])) for blk, arg in caps.items()}
+        limit = {blk: max(16, next_pow2(named_args[arg])) for blk, arg in caps.items()}
         seen, out = set(), []
         for c in configs:
             kw = {k: (min(v, limit[k]) if k in limit else v) for k, v in c.kwargs.items()}
@@ -301,61 +300,17 @@ def _blast_mix_kernel(z_ptr, s_ptr, out_ptr, T, R, NJ, T_BUCKET,
 
 
 # ----------------------------------------------------------------------------- launchers
-def _name_shape(t) -> tuple:
-    return tuple(getattr(t, "shape", ()))
-
-
-def _check(x: Tensor, U: Tensor, S: Tensor, V: Tensor, bias: Optional[Tensor],
-           out_features: int) -> None:
-    if not isinstance(x, Tensor) or x.dim() != 2:
-        raise ValueError(f"blast triton: x must be a 2-D (T, n) tensor, got shape {_name_shape(x)}")
-    if x.dtype not in _FLOATS:
-        raise ValueError(f"blast triton: x must be fp16/bf16/fp32/fp64, got {x.dtype}")
-    for name, t in (("U", U), ("S", S), ("V", V)):
-        if not isinstance(t, Tensor) or t.dim() != 3:
-            raise ValueError(f"blast triton: {name} must be a 3-D tensor, got shape "
-                             f"{_name_shape(t)}")
-        if not t.dtype.is_floating_point:
-            raise ValueError(f"blast triton: {name} must be floating point, got {t.dtype}")
-    b1, p, r = U.shape
-    b2, q, rv = V.shape
-    if rv != r:
-        raise ValueError(f"blast triton: U {tuple(U.shape)} and V {tuple(V.shape)} disagree on "
-                         f"the rank r")
-    if tuple(S.shape) != (b1, b2, r):
-        raise ValueError(f"blast triton: S has shape {tuple(S.shape)}, expected (b1, b2, r) = "
-                         f"{(b1, b2, r)} from U {tuple(U.shape)} and V {tuple(V.shape)}")
-    n = x.shape[1]
-    if n > b2 * q:
-        raise ValueError(f"blast triton: x has n={n} features but V covers only "
-                         f"b2*q = {b2}*{q} = {b2 * q}")
-    if isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1:
-        raise ValueError(f"blast triton: out_features must be a positive int, got "
-                         f"{out_features!r}")
-    if out_features > b1 * p:
-        raise ValueError(f"blast triton: out_features={out_features} exceeds U's "
-                         f"b1*p = {b1}*{p} = {b1 * p}")
-    if bias is not None:
-        if not isinstance(bias, Tensor) or tuple(bias.shape) != (out_features,):
-            raise ValueError(f"blast triton: bias has shape {_name_shape(bias)}, expected "
-                             f"({out_features},)")
-    for name, t in (("U", U), ("S", S), ("V", V), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"blast triton: {name} is on {t.device} but x is on {x.device}")
-
-
 def _static(dtype: torch.dtype) -> dict:
     """Compile-time kernel flags for a compute dtype."""
     half = dtype in (torch.float16, torch.bfloat16)
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     return dict(ACC=tl.float64 if dtype == torch.float64 else tl.float32,
-                DOT_FP32=interp and half,
+                DOT_FP32=INTERPRET and half,
                 PRECISION="tf32" if (half or tf32) else "ieee")
 
 
 def _t_bucket(T: int) -> int:
-    return min(_pow2(T), _MAX_T_BUCKET)
+    return min(next_pow2(T), _MAX_T_BUCKET)
 
 
 def _rowmajor(x: Tensor) -> Tensor:
@@ -415,15 +370,6 @@ def _mix(z: Tensor, S: Tensor) -> Tensor:
     return out
 
 
-def _split_blocks(a: Tensor, blocks: int, width: int) -> Tensor:
-    """``(T, k)`` -> ``(blocks, T, width)``; zero-padded copy only when ``k < blocks*width``
-    (backward weight grads only; the kernels never pad)."""
-    T, k = a.shape
-    if k < blocks * width:
-        a = torch.nn.functional.pad(a, (0, blocks * width - k))
-    return a.reshape(T, blocks, width).transpose(0, 1)
-
-
 def blast_forward_triton(x: Tensor, U: Tensor, S: Tensor, V: Tensor, bias: Optional[Tensor],
                          out_features: int) -> Tensor:
     """``y = x @ W.T + bias`` with ``W`` the BLAST matrix of ``(U, S, V)``, cut to
@@ -433,8 +379,7 @@ def blast_forward_triton(x: Tensor, U: Tensor, S: Tensor, V: Tensor, bias: Optio
     kernel, ``x`` is never copied padded); returns ``(T, out_features)`` in ``x.dtype``. ``U``,
     ``S``, ``V`` and ``bias`` are cast to ``x.dtype`` here. Two launches: the block GEMM
     ``z = x V`` (``z`` in ``x.dtype``) and the fused mix + U-GEMM + bias (module docstring).
-    Raises ValueError on bad shapes, dtypes or devices."""
-    _check(x, U, S, V, bias, out_features)
+    The arguments are those ``ops.check_blast_args`` accepted, with ``x`` 2-D."""
     x = _rowmajor(x)
     dt = x.dtype
     U, S, V = (t.to(dt).contiguous() for t in (U, S, V))
@@ -445,7 +390,7 @@ def blast_forward_triton(x: Tensor, U: Tensor, S: Tensor, V: Tensor, bias: Optio
 
 def blast_backward_triton(dy: Tensor, x: Tensor, U: Tensor, S: Tensor, V: Tensor,
                           bias: Optional[Tensor], out_features: int,
-                          needs_input_grad: tuple[bool, ...] = (True,) * 5):
+                          needs_input_grad: Sequence[bool] = (True,) * 5):
     """``(dx, dU, dS, dV, dbias)`` of ``blast_forward_triton``; ``None`` for grads not needed.
 
     An autograd formula built from the forward kernels (intermediates in ``x.dtype``):
@@ -465,14 +410,9 @@ def blast_backward_triton(dy: Tensor, x: Tensor, U: Tensor, S: Tensor, V: Tensor
 
     ``needs_input_grad`` is ``(x, U, S, V, bias, ...)`` (extra trailing flags, e.g. for
     ``out_features``, are ignored). Grads come back in the dtypes of ``x``, ``U``, ``S``,
-    ``V`` and ``bias`` (``dy``'s dtype when ``bias`` is None)."""
-    _check(x, U, S, V, bias, out_features)
+    ``V`` and ``bias`` (``dy``'s dtype when ``bias`` is None). The arguments are those the
+    ops accepted (``x`` and ``dy`` 2-D, ``dy`` ``(T, out_features)``)."""
     T, n = x.shape
-    if not isinstance(dy, Tensor) or tuple(dy.shape) != (T, out_features):
-        raise ValueError(f"blast triton: dy has shape {_name_shape(dy)}, expected "
-                         f"({T}, {out_features})")
-    if dy.device != x.device:
-        raise ValueError(f"blast triton: dy is on {dy.device} but x is on {x.device}")
     if len(needs_input_grad) < 5:
         raise ValueError(f"blast triton: needs_input_grad must have 5 flags (x, U, S, V, bias), "
                          f"got {needs_input_grad!r}")
@@ -491,10 +431,10 @@ def blast_backward_triton(dy: Tensor, x: Tensor, U: Tensor, S: Tensor, V: Tensor
         dx = _mix_gemm(dw, Sc.transpose(0, 1), Vc, None, n, dt)                # (T, n)
     if need_U:
         w = _mix(z, Sc)                                                        # (b1, T, r)
-        dU = torch.bmm(_split_blocks(dyc, b1, p).transpose(1, 2), w).to(U.dtype)
+        dU = torch.bmm(split_blocks(dyc, b1, p).transpose(1, 2), w).to(U.dtype)
     if need_V:
         dz = _mix(dw, Sc.transpose(0, 1))                                      # (b2, T, r)
-        dV = torch.bmm(_split_blocks(x, b2, q).transpose(1, 2), dz).to(V.dtype)
+        dV = torch.bmm(split_blocks(x, b2, q).transpose(1, 2), dz).to(V.dtype)
     if need_S:
         # per rank slice: (b1, T) @ (T, b2)
         dS = torch.bmm(dw.permute(2, 0, 1), z.permute(2, 1, 0)).permute(1, 2, 0)
@@ -504,3 +444,24 @@ def blast_backward_triton(dy: Tensor, x: Tensor, U: Tensor, S: Tensor, V: Tensor
         db = dy.sum(0, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32)
         db = db.to(out)
     return dx, dU, dS, dV, db
+
+
+# ----------------------------------------------------------------------------- registration
+# The CUDA kernels of ``structfx::blast_linear`` / ``blast_linear_backward``: registered when
+# this module is imported (kernels/ops.py registers a stand-in that imports it on the first
+# CUDA call). Called directly they also run on CPU tensors under TRITON_INTERPRET=1 (tests).
+@torch.library.register_kernel("structfx::blast_linear", "cuda")
+def blast_linear_cuda(x: Tensor, U: Tensor, S: Tensor, V: Tensor, bias: Optional[Tensor],
+                      out_features: int) -> Tensor:
+    ops.check_blast_args(x, U, S, V, bias, out_features)
+    y = blast_forward_triton(ops.tokens_2d(x), U, S, V, bias, out_features)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+@torch.library.register_kernel("structfx::blast_linear_backward", "cuda")
+def blast_linear_backward_cuda(dy: Tensor, x: Tensor, U: Tensor, S: Tensor, V: Tensor,
+                               out_features: int, needs: Sequence[bool]) -> tuple[Tensor, ...]:
+    ops.check_backward_args("blast_linear_backward", dy, x, out_features, needs, 5)
+    dx, *rest = blast_backward_triton(ops.tokens_2d(dy), ops.tokens_2d(x), U, S, V, None,
+                                      out_features, needs)
+    return ops.grads_out((None if dx is None else dx.reshape(x.shape), *rest), dy)

@@ -1,32 +1,43 @@
 """``torch.ops.structfx.blast_linear`` / ``ss1_linear``: the structured ops as torch.library ops.
 
 Each op is a ``custom_op`` (opaque to Dynamo, AOT and export, so graphs hold one node per
-layer) with a fake impl, an autograd formula and a FLOP formula. The implementation picks the
-Triton kernels for CUDA tensors and the bmm / gather PyTorch paths otherwise. A plain
-``custom_op`` rather than ``triton_op``: on a CPU-only machine a ``triton_op`` breaks
+layer) with a fake impl, an autograd formula and a FLOP formula. The default implementation,
+defined here, is the bmm / gather PyTorch path (CPU, and any device without a kernel of its
+own); the Triton kernels register themselves for ``"cuda"`` in ``blast_triton.py`` /
+``ss1_triton.py``, beside the kernels (see ``_register_cuda_stand_ins`` for how they are loaded).
+A plain ``custom_op`` rather than ``triton_op``: on a CPU-only machine a ``triton_op`` breaks
 ``torch.compile`` even when a CPU kernel is registered (see notes/pytorch.md).
 
+Every implementation starts with ``check_blast_args`` / ``check_ss1_args``: the one place the
+arguments are validated; the Triton launchers assume it passed.
+
 The backward of each op is itself an op (``*_backward``), so compiled training graphs and
-exported graphs keep it as one node and CUDA backward runs the Triton kernels.
+exported graphs keep it as one node and CUDA backward runs the Triton kernels. It is told which
+grads autograd needs (``needs``: frozen factors, or only ``dx`` at inference) and computes only
+those; an op cannot return ``None``, so a grad not asked for comes back as an empty tensor and
+the autograd formula turns it into ``None``.
 """
 from __future__ import annotations
 
-from typing import Optional
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula
 
 from . import blast_torch, ss1_hash, ss1_torch
 
-_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- validation
 def _check_common(name: str, x: Tensor, params: dict[str, Tensor], bias: Optional[Tensor]):
     if x.dim() < 1:
         raise ValueError(f"{name}: input must have at least 1 dimension, got a scalar")
-    if x.dtype not in _FLOAT:
+    if x.dtype not in _FLOATS:
         raise TypeError(f"{name}: input dtype must be a floating type, got {x.dtype}")
     for pname, p in params.items():
         if p.dtype != x.dtype:
@@ -76,8 +87,34 @@ def check_ss1_args(x: Tensor, P: Tensor, bias: Optional[Tensor], compression: in
         raise ValueError(f"ss1_linear: bias has shape {tuple(bias.shape)}, expected ({N},)")
 
 
-def _flat(x: Tensor) -> Tensor:
+def check_backward_args(name: str, dy: Tensor, x: Tensor, out_features: int,
+                        needs: Sequence[bool], n_grads: int) -> None:
+    """The backward ops' own arguments (the factors were checked by the forward)."""
+    want = (*x.shape[:-1], out_features)
+    if tuple(dy.shape) != want:
+        raise ValueError(f"{name}: dy has shape {tuple(dy.shape)}, expected {want}")
+    if dy.device != x.device:
+        raise ValueError(f"{name}: dy is on {dy.device} but x is on {x.device}")
+    if len(needs) != n_grads:
+        raise ValueError(f"{name}: needs must have {n_grads} flags, got {list(needs)!r}")
+
+
+def tokens_2d(x: Tensor) -> Tensor:
+    """``(..., k)`` -> contiguous ``(T, k)``: what the CPU paths and the launchers take."""
     return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def grads_out(grads: Sequence[Optional[Tensor]], dy: Tensor) -> tuple[Tensor, ...]:
+    """A backward op's outputs: each grad contiguous, an empty tensor where none was asked for."""
+    return tuple(dy.new_empty(0) if g is None else g.contiguous() for g in grads)
+
+
+def _fake_grads(needs: Sequence[bool], dy: Tensor, like: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    return tuple(t.new_empty(t.shape) if n else dy.new_empty(0) for n, t in zip(needs, like))
+
+
+def _autograd_grads(grads: Sequence[Tensor], needs: Sequence[bool]) -> list[Optional[Tensor]]:
+    return [g if n else None for g, n in zip(grads, needs)]
 
 
 # ----------------------------------------------------------------------------- BLAST
@@ -86,13 +123,7 @@ def blast_linear(x: Tensor, U: Tensor, S: Tensor, V: Tensor, bias: Optional[Tens
                  out_features: int) -> Tensor:
     """``y = x @ W.T + bias`` with ``W`` the BLAST matrix of ``(U, S, V)`` (spec/blast.md)."""
     check_blast_args(x, U, S, V, bias, out_features)
-    x2d = _flat(x)
-    if x.is_cuda:
-        from .blast_triton import blast_forward_triton
-        y = blast_forward_triton(x2d, U.contiguous(), S.contiguous(), V.contiguous(), bias,
-                                 out_features)
-    else:
-        y = blast_torch.blast_forward_torch(x2d, U, S, V, bias, out_features)
+    y = blast_torch.blast_forward_torch(tokens_2d(x), U, S, V, bias, out_features)
     return y.contiguous().reshape(*x.shape[:-1], out_features)
 
 
@@ -104,43 +135,43 @@ def _(x, U, S, V, bias, out_features):
 
 @torch.library.custom_op("structfx::blast_linear_backward", mutates_args=())
 def blast_linear_backward(dy: Tensor, x: Tensor, U: Tensor, S: Tensor, V: Tensor,
-                          out_features: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(dx, dU, dS, dV, dbias)`` of ``blast_linear``."""
-    dy2d, x2d = _flat(dy), _flat(x)
-    if x.is_cuda:
-        from .blast_triton import blast_backward_triton
-        dx, dU, dS, dV, db = blast_backward_triton(
-            dy2d, x2d, U.contiguous(), S.contiguous(), V.contiguous(), None, out_features,
-            (True, True, True, True, True))
-    else:
-        dx, dU, dS, dV, db = blast_torch.blast_backward_torch(dy2d, x2d, U, S, V, out_features)
-    return tuple(g.contiguous() for g in (dx.reshape(x.shape), dU, dS, dV, db))
+                          out_features: int, needs: Sequence[bool]
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dU, dS, dV, dbias)`` of ``blast_linear``, each only where ``needs`` (5 flags) says
+    (an empty tensor otherwise). ``dbias`` is ``dy`` summed over tokens, in ``dy``'s dtype."""
+    check_backward_args("blast_linear_backward", dy, x, out_features, needs, 5)
+    grads = blast_torch.blast_backward_torch(tokens_2d(dy), tokens_2d(x), U, S, V,
+                                             out_features, needs)
+    dx = grads[0]
+    return grads_out((None if dx is None else dx.reshape(x.shape), *grads[1:]), dy)
 
 
 @blast_linear_backward.register_fake
-def _(dy, x, U, S, V, out_features):
-    return (x.new_empty(x.shape), U.new_empty(U.shape), S.new_empty(S.shape),
-            V.new_empty(V.shape), dy.new_empty(out_features))
+def _(dy, x, U, S, V, out_features, needs):
+    check_backward_args("blast_linear_backward", dy, x, out_features, needs, 5)
+    return _fake_grads(needs, dy, (x, U, S, V, dy.new_empty(out_features)))
 
 
 def _blast_setup(ctx, inputs, output):
     x, U, S, V, bias, out_features = inputs
     ctx.save_for_backward(x, U, S, V)
     ctx.out_features = out_features
-    ctx.has_bias = bias is not None
 
 
 def _blast_backward(ctx, dy):
     x, U, S, V = ctx.saved_tensors
-    dx, dU, dS, dV, db = torch.ops.structfx.blast_linear_backward(dy, x, U, S, V,
-                                                                  ctx.out_features)
-    return dx, dU, dS, dV, (db if ctx.has_bias else None), None
+    needs = list(ctx.needs_input_grad[:5])  # (x, U, S, V, bias); False for an absent bias
+    grads = torch.ops.structfx.blast_linear_backward(dy, x, U, S, V, ctx.out_features, needs)
+    return (*_autograd_grads(grads, needs), None)
 
 
 blast_linear.register_autograd(_blast_backward, setup_context=_blast_setup)
 
 
 def blast_flops(x_shape, U_shape, S_shape, V_shape) -> int:
+    """Forward FLOPs, ``2 T r (b2 q + b1 p + b1 b2)``: the multiply-adds of ``z = x V``
+    (``T b2 q r``), of the diagonal mixing (``T b1 b2 r``) and of ``y = w U.T`` (``T b1 p r``),
+    padding included, two FLOPs each."""
     tokens = 1
     for d in x_shape[:-1]:
         tokens *= d
@@ -149,29 +180,13 @@ def blast_flops(x_shape, U_shape, S_shape, V_shape) -> int:
     return 2 * tokens * r * (b2 * q + b1 * p + b1 * b2)
 
 
-@register_flop_formula(torch.ops.structfx.blast_linear)
-def _(x_shape, U_shape, S_shape, V_shape, *args, **kwargs) -> int:
-    return blast_flops(x_shape, U_shape, S_shape, V_shape)
-
-
-@register_flop_formula(torch.ops.structfx.blast_linear_backward)
-def _(dy_shape, x_shape, U_shape, S_shape, V_shape, *args, **kwargs) -> int:
-    return 2 * blast_flops(x_shape, U_shape, S_shape, V_shape)
-
-
 # ----------------------------------------------------------------------------- SS1
 @torch.library.custom_op("structfx::ss1_linear", mutates_args=())
 def ss1_linear(x: Tensor, P: Tensor, bias: Optional[Tensor], compression: int, seed: int,
                block_k: int, block_n: int) -> Tensor:
     """``y = x @ W + bias`` with ``W (K, N)`` read from ``P (N, K_red)`` by the SS1 hash."""
     check_ss1_args(x, P, bias, compression, seed, block_k, block_n)
-    x2d = _flat(x)
-    if x.is_cuda:
-        from .ss1_triton import ss1_forward_triton
-        y = ss1_forward_triton(x2d, P.contiguous(), bias, compression,
-                               ss1_hash.hash_coeffs(seed), block_k, block_n)
-    else:
-        y = ss1_torch.ss1_forward_torch(x2d, P, bias, compression, seed, block_k, block_n)
+    y = ss1_torch.ss1_forward_torch(tokens_2d(x), P, bias, compression, seed, block_k, block_n)
     return y.contiguous().reshape(*x.shape[:-1], P.shape[0])
 
 
@@ -183,36 +198,33 @@ def _(x, P, bias, compression, seed, block_k, block_n):
 
 @torch.library.custom_op("structfx::ss1_linear_backward", mutates_args=())
 def ss1_linear_backward(dy: Tensor, x: Tensor, P: Tensor, compression: int, seed: int,
-                        block_k: int, block_n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dx, dP, dbias)`` of ``ss1_linear``."""
-    dy2d, x2d = _flat(dy), _flat(x)
-    if x.is_cuda:
-        from .ss1_triton import ss1_backward_triton
-        dx, dP, db = ss1_backward_triton(dy2d, x2d, P.contiguous(), None, compression,
-                                         ss1_hash.hash_coeffs(seed), block_k, block_n,
-                                         (True, True, True))
-    else:
-        dx, dP, db = ss1_torch.ss1_backward_torch(dy2d, x2d, P, compression, seed, block_k,
-                                                  block_n)
-    return tuple(g.contiguous() for g in (dx.reshape(x.shape), dP, db))
+                        block_k: int, block_n: int, needs: Sequence[bool]
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dP, dbias)`` of ``ss1_linear``, each only where ``needs`` (3 flags) says (an
+    empty tensor otherwise). ``dbias`` is ``dy`` summed over tokens, in ``dy``'s dtype."""
+    check_backward_args("ss1_linear_backward", dy, x, P.shape[0], needs, 3)
+    dx, dP, db = ss1_torch.ss1_backward_torch(tokens_2d(dy), tokens_2d(x), P, compression, seed,
+                                              block_k, block_n, needs)
+    return grads_out((None if dx is None else dx.reshape(x.shape), dP, db), dy)
 
 
 @ss1_linear_backward.register_fake
-def _(dy, x, P, compression, seed, block_k, block_n):
-    return x.new_empty(x.shape), P.new_empty(P.shape), dy.new_empty(P.shape[0])
+def _(dy, x, P, compression, seed, block_k, block_n, needs):
+    check_backward_args("ss1_linear_backward", dy, x, P.shape[0], needs, 3)
+    return _fake_grads(needs, dy, (x, P, dy.new_empty(P.shape[0])))
 
 
 def _ss1_setup(ctx, inputs, output):
     x, P, bias, compression, seed, block_k, block_n = inputs
     ctx.save_for_backward(x, P)
     ctx.args = (compression, seed, block_k, block_n)
-    ctx.has_bias = bias is not None
 
 
 def _ss1_backward(ctx, dy):
     x, P = ctx.saved_tensors
-    dx, dP, db = torch.ops.structfx.ss1_linear_backward(dy, x, P, *ctx.args)
-    return dx, dP, (db if ctx.has_bias else None), None, None, None, None
+    needs = list(ctx.needs_input_grad[:3])  # (x, P, bias); False for an absent bias
+    grads = torch.ops.structfx.ss1_linear_backward(dy, x, P, *ctx.args, needs)
+    return (*_autograd_grads(grads, needs), None, None, None, None)
 
 
 ss1_linear.register_autograd(_ss1_backward, setup_context=_ss1_setup)
@@ -227,11 +239,104 @@ def ss1_flops(x_shape, P_shape, block_n: int) -> int:
     return 2 * tokens * N * K_red + tokens * x_shape[-1] * -(-N // block_n)
 
 
-@register_flop_formula(torch.ops.structfx.ss1_linear)
-def _(x_shape, P_shape, bias_shape, compression, seed, block_k, block_n, *args, **kw) -> int:
-    return ss1_flops(x_shape, P_shape, block_n)
+# ----------------------------------------------------------------------------- CUDA kernels
+# blast_triton.py and ss1_triton.py register their CUDA kernels for these ops when imported
+# (``torch.library.register_kernel`` beside each kernel). Importing them here would import
+# triton with every ``import structfx`` (0.3 s, on CPU-only machines too), so a stand-in is
+# registered instead: the first CUDA call imports the module, whose registration replaces the
+# stand-in for every later call, and runs that module's kernel. Without triton nothing is
+# registered and CUDA tensors take the default (torch) implementation. Tests run the kernels on
+# CPU tensors by calling the modules' kernels or launchers directly (TRITON_INTERPRET=1).
+_CUDA_KERNELS = {
+    "blast_linear": ("blast_triton", "blast_linear_cuda"),
+    "blast_linear_backward": ("blast_triton", "blast_linear_backward_cuda"),
+    "ss1_linear": ("ss1_triton", "ss1_linear_cuda"),
+    "ss1_linear_backward": ("ss1_triton", "ss1_linear_backward_cuda"),
+}
 
 
-@register_flop_formula(torch.ops.structfx.ss1_linear_backward)
-def _(dy_shape, x_shape, P_shape, compression, seed, block_k, block_n, *args, **kw) -> int:
-    return 2 * ss1_flops(x_shape, P_shape, block_n)
+def _cuda_stand_in(module: str, kernel: str) -> Callable:
+    def first_cuda_call(*args):
+        return getattr(importlib.import_module(f"{__package__}.{module}"), kernel)(*args)
+
+    first_cuda_call.__name__ = f"load_{module}_{kernel}"
+    return first_cuda_call
+
+
+def _register_cuda_stand_ins() -> None:
+    if importlib.util.find_spec("triton") is None:
+        return
+    for op, (module, kernel) in _CUDA_KERNELS.items():
+        torch.library.register_kernel(f"structfx::{op}", "cuda", _cuda_stand_in(module, kernel))
+
+
+_register_cuda_stand_ins()
+
+
+# ----------------------------------------------------------------------------- FLOP counting
+# ``torch.utils.flop_counter`` imports triton (a 0.3 s import ``import structfx`` must not pay),
+# so the formulas are registered when it is imported: now if it already is, else right after
+# its import (``FlopCounterMode`` copies the registry when it is created, which is later).
+def _register_flop_formulas(flop_counter) -> None:
+    register = flop_counter.register_flop_formula
+
+    @register(torch.ops.structfx.blast_linear)
+    def _(x_shape, U_shape, S_shape, V_shape, *args, **kwargs) -> int:
+        return blast_flops(x_shape, U_shape, S_shape, V_shape)
+
+    @register(torch.ops.structfx.blast_linear_backward)
+    def _(dy_shape, x_shape, U_shape, S_shape, V_shape, *args, **kwargs) -> int:
+        return 2 * blast_flops(x_shape, U_shape, S_shape, V_shape)
+
+    @register(torch.ops.structfx.ss1_linear)
+    def _(x_shape, P_shape, bias_shape, compression, seed, block_k, block_n, *a, **kw) -> int:
+        return ss1_flops(x_shape, P_shape, block_n)
+
+    @register(torch.ops.structfx.ss1_linear_backward)
+    def _(dy_shape, x_shape, P_shape, compression, seed, block_k, block_n, *a, **kw) -> int:
+        return 2 * ss1_flops(x_shape, P_shape, block_n)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Runs ``callback(module)`` right after module ``name`` is executed, once.
+
+    It sits first on ``sys.meta_path``; for ``name`` it asks the finders after it for the spec
+    and wraps the loader (``exec_module``, then the callback). It leaves ``sys.meta_path``
+    after that import, not during the finder loop the import machinery is running."""
+
+    def __init__(self, name: str, callback: Callable) -> None:
+        self.name, self.callback, self.loader = name, callback, None
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.name or self.loader is not None:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = None if finder is self or find is None else find(fullname, path, target)
+            if spec is not None:
+                if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+                    return spec
+                self.loader, spec.loader = spec.loader, self
+                return spec
+        return None
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = module.__spec__.loader = self.loader
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        self.loader.exec_module(module)
+        self.callback(module)
+
+
+def _when_imported(name: str, callback: Callable) -> None:
+    module = sys.modules.get(name)
+    if module is not None:
+        callback(module)
+    else:
+        sys.meta_path.insert(0, _AfterImport(name, callback))
+
+
+_when_imported("torch.utils.flop_counter", _register_flop_formulas)

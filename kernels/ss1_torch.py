@@ -52,22 +52,33 @@ def ss1_forward_torch(x2d, P, bias, compression: int, seed: int, block_k: int, b
     return y if bias is None else y + bias
 
 
-def ss1_backward_torch(dy2d, x2d, P, compression: int, seed: int, block_k: int, block_n: int):
-    """Gradients ``(dx, dP, dbias)``: dx scatters ``dy_j @ P_j`` back through the sketch
-    indices (the transpose of the gather), ``dP_j = dy_j.T @ sketch_j(x)``."""
+def ss1_backward_torch(dy2d, x2d, P, compression: int, seed: int, block_k: int, block_n: int,
+                       needs=(True, True, True)):
+    """Gradients ``(dx, dP, dbias)``, each only where ``needs`` says (``None`` otherwise): dx
+    scatters ``dy_j @ P_j`` back through the sketch indices (the transpose of the gather),
+    ``dP_j = dy_j.T @ sketch_j(x)``."""
+    need_x, need_P, need_b = (bool(f) for f in needs)
     T, K = x2d.shape
     N, K_red = P.shape
-    idx = ss1_hash.sketch_index(K, N, compression, seed, block_k, block_n).to(x2d.device)
-    x_pad = F.pad(x2d, (0, 1))
-    Pb = _padded_P(P, block_n)
-    n_blocks = Pb.shape[0]
-    dy_pad = F.pad(dy2d, (0, n_blocks * block_n - N))
-    dx_pad = torch.zeros_like(x_pad)
-    dP = P.new_empty(n_blocks, block_n, K_red)
-    for lo, hi in _groups(T, n_blocks, K_red):
-        dyb = dy_pad[:, lo * block_n:hi * block_n].reshape(T, hi - lo, block_n).transpose(0, 1)
-        dxs = torch.bmm(dyb, Pb[lo:hi]).transpose(0, 1).reshape(T, -1)  # (T, g*K_red)
-        for u in range(compression):
-            dx_pad.index_add_(1, idx[lo:hi, u].reshape(-1), dxs)
-        dP[lo:hi] = torch.bmm(dyb.transpose(1, 2), _sketch(x_pad, idx[lo:hi]))
-    return dx_pad[:, :K], dP.view(-1, K_red)[:N], dy2d.sum(0)
+    dx = dP = dbias = None
+    if need_x or need_P:
+        idx = ss1_hash.sketch_index(K, N, compression, seed, block_k, block_n).to(x2d.device)
+        x_pad = F.pad(x2d, (0, 1))
+        Pb = _padded_P(P, block_n)
+        n_blocks = Pb.shape[0]
+        dy_pad = F.pad(dy2d, (0, n_blocks * block_n - N))
+        dx_pad = torch.zeros_like(x_pad) if need_x else None
+        dPb = P.new_empty(n_blocks, block_n, K_red) if need_P else None
+        for lo, hi in _groups(T, n_blocks, K_red):
+            dyb = dy_pad[:, lo * block_n:hi * block_n].reshape(T, hi - lo, block_n).transpose(0, 1)
+            if need_x:
+                dxs = torch.bmm(dyb, Pb[lo:hi]).transpose(0, 1).reshape(T, -1)  # (T, g*K_red)
+                for u in range(compression):
+                    dx_pad.index_add_(1, idx[lo:hi, u].reshape(-1), dxs)
+            if need_P:
+                dPb[lo:hi] = torch.bmm(dyb.transpose(1, 2), _sketch(x_pad, idx[lo:hi]))
+        dx = dx_pad[:, :K] if need_x else None
+        dP = dPb.view(-1, K_red)[:N] if need_P else None
+    if need_b:
+        dbias = dy2d.sum(0)
+    return dx, dP, dbias

@@ -17,35 +17,37 @@ Layout and tiling, shared by the kernels:
 - ``R0..R3`` and ``c`` are runtime arguments (``R*`` with ``do_not_specialize``), reduced mod
   ``BK`` by the wrapper (exact: ``s`` is taken mod ``BK``) so the int32 index math cannot
   overflow; every layer with the same ``BK``/``BN``/dtype shares one compiled kernel.
-- Only the token tile, ``num_warps`` and ``num_stages`` are autotuned. Under
-  ``TRITON_INTERPRET=1`` there is one small config (no benchmarking), and ``DOT_FP32`` upcasts
+- Only the token tile, ``num_warps`` and ``num_stages`` are autotuned. In the interpreter
+  (``triton_common.INTERPRET``) there is one small config (no benchmarking), and ``DOT_FP32`` upcasts
   the ``tl.dot`` operands to fp32 because the interpreter's bf16 ``tl.dot`` returns garbage; on
   the GPU the operands stay in the input dtype (bf16/fp16 tensor cores, fp32 accumulate).
 - fp32 inputs use ``input_precision="ieee"`` unless ``torch.backends.cuda.matmul.allow_tf32``
   is set, matching what ``F.linear`` does; fp64 inputs accumulate in fp64.
+
+The launchers take arguments ``ops.check_ss1_args`` has accepted (the op checks them once,
+before any kernel runs).
 """
 from __future__ import annotations
 
-import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import ss1_hash
+from . import ops, ss1_hash
+from .shapes import next_pow2
+from .triton_common import INTERPRET
 
 VEC: tl.constexpr = tl.constexpr(ss1_hash.VEC)
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read at import: picks the configs
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MAX_TILE_N = 128
 _BLOCK_KR = 64  # reduced-K columns per iteration (forward, dP); K columns per dx program
 
 
 def _configs() -> list[triton.Config]:
-    if _INTERPRET:
+    if INTERPRET:
         return [triton.Config({"BLOCK_T": 32}, num_warps=4, num_stages=1)]
     # Spill-free on sm_90 (checked by compiling to cubin, not by timing): 4 warps up to 32
     # tokens, 8 warps beyond. The c loop nests inside the K loop, so stages matter little.
@@ -234,54 +236,22 @@ def _ss1_dp_kernel(dy_ptr, x_ptr, dp_ptr, T, K, N, K_red, C, R0, R1, R2, R3, T_B
 
 
 # ----------------------------------------------------------------------------- launchers
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _check(x: Tensor, P: Tensor, bias: Optional[Tensor], compression: int, coeffs,
-           block_k: int, block_n: int) -> None:
-    if not isinstance(x, Tensor) or x.dim() != 2:
-        raise ValueError(f"ss1 triton: x must be a 2-D (T, K) tensor, got shape "
-                         f"{tuple(getattr(x, 'shape', ()))}")
-    if x.dtype not in _FLOATS:
-        raise ValueError(f"ss1 triton: x must be fp16/bf16/fp32/fp64, got {x.dtype}")
-    if not isinstance(P, Tensor) or P.dim() != 2:
-        raise ValueError(f"ss1 triton: P must be a 2-D (N, K_red) tensor, got shape "
-                         f"{tuple(getattr(P, 'shape', ()))}")
-    if not P.dtype.is_floating_point:
-        raise ValueError(f"ss1 triton: P must be floating point, got {P.dtype}")
-    K, (N, K_red) = x.shape[1], P.shape
-    ss1_hash.check_config(K, N, compression, block_k, block_n)
-    want = ss1_hash.reduced_k(K, compression, block_k)
-    if K_red != want:
-        raise ValueError(f"ss1 triton: P has {K_red} columns but K={K} at compression "
-                         f"{compression}, block_k={block_k} needs K_red={want}")
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"ss1 triton: bias has shape {tuple(bias.shape)}, expected ({N},)")
-    if len(coeffs) != 4:
-        raise ValueError(f"ss1 triton: coeffs must be (R0, R1, R2, R3), got {coeffs!r}")
-    for name, tns in (("P", P), ("bias", bias)):
-        if tns is not None and tns.device != x.device:
-            raise ValueError(f"ss1 triton: {name} is on {tns.device} but x is on {x.device}")
-
-
 def _common(x: Tensor, N: int, compression: int, coeffs, block_k: int, block_n: int):
     """Launch arguments shared by the three kernels."""
-    tile_n = max(16, min(_MAX_TILE_N, _pow2(block_n)))
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    tile_n = max(16, min(_MAX_TILE_N, next_pow2(block_n)))
     half = x.dtype in (torch.float16, torch.bfloat16)
     fp32_ieee = x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
     R = [int(r) % block_k for r in coeffs]  # exact: s is reduced mod BK anyway
     runtime = dict(C=compression, R0=R[0], R1=R[1], R2=R[2], R3=R[3],
-                   T_BUCKET=min(_pow2(x.shape[0]), 4096))
+                   T_BUCKET=min(next_pow2(x.shape[0]), 4096))
     static = dict(BK=block_k, BN=block_n, TILE_N=tile_n, N_SUB=-(-block_n // tile_n),
                   ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
-                  DOT_FP32=interp and half, PRECISION="ieee" if fp32_ieee else "tf32")
+                  DOT_FP32=INTERPRET and half, PRECISION="ieee" if fp32_ieee else "tf32")
     return runtime, static
 
 
 def _block_kr(width: int) -> int:
-    return max(16, min(_BLOCK_KR, _pow2(width)))
+    return max(16, min(_BLOCK_KR, next_pow2(width)))
 
 
 def ss1_forward_triton(x: Tensor, P: Tensor, bias: Optional[Tensor], compression: int,
@@ -290,8 +260,8 @@ def ss1_forward_triton(x: Tensor, P: Tensor, bias: Optional[Tensor], compression
 
     ``x`` is ``(T, K)``, ``P`` ``(N, K_red)``; returns ``(T, N)`` in ``x.dtype``. ``P`` and
     ``bias`` are cast to ``x.dtype`` here (a dtype mismatch is not an error); the product
-    accumulates in fp32 (fp64 for fp64 inputs). Raises ValueError on bad shapes or config."""
-    _check(x, P, bias, compression, coeffs, block_k, block_n)
+    accumulates in fp32 (fp64 for fp64 inputs). The arguments are those
+    ``ops.check_ss1_args`` accepted, with ``x`` 2-D and ``coeffs = hash_coeffs(seed)``."""
     x = x.contiguous()
     P = P.to(x.dtype).contiguous()
     T, K = x.shape
@@ -311,7 +281,7 @@ def ss1_forward_triton(x: Tensor, P: Tensor, bias: Optional[Tensor], compression
 
 def ss1_backward_triton(dy: Tensor, x: Tensor, P: Tensor, bias: Optional[Tensor],
                         compression: int, coeffs: tuple[int, int, int, int], block_k: int,
-                        block_n: int, needs_input_grad=(True, True, True)):
+                        block_n: int, needs_input_grad: Sequence[bool] = (True, True, True)):
     """``(dx, dP, dbias)`` of ``ss1_forward_triton``; ``None`` for each grad not needed.
 
     ``dx`` and ``dP`` are Triton kernels (``_ss1_dx_kernel``: the transpose gather, rotation
@@ -319,12 +289,10 @@ def ss1_backward_triton(dy: Tensor, x: Tensor, P: Tensor, bias: Optional[Tensor]
     ``P`` tile, no atomics); ``dbias = dy.sum(0)`` is a torch reduction (fp32 accumulate).
     ``needs_input_grad`` is ``(x, P, bias)``; ``dbias`` is computed when its flag is set even if
     ``bias`` is None (the caller knows whether the layer has one). Grads come back in the
-    dtypes of ``x``, ``P`` and ``bias`` (``dy``'s dtype when ``bias`` is None)."""
-    _check(x, P, bias, compression, coeffs, block_k, block_n)
+    dtypes of ``x``, ``P`` and ``bias`` (``dy``'s dtype when ``bias`` is None). The arguments
+    are those the ops accepted (``x`` and ``dy`` 2-D, ``dy`` ``(T, N)``)."""
     T, K = x.shape
     N, K_red = P.shape
-    if dy.dim() != 2 or tuple(dy.shape) != (T, N):
-        raise ValueError(f"ss1 triton: dy has shape {tuple(dy.shape)}, expected ({T}, {N})")
     need_x, need_P, need_b = (bool(f) for f in needs_input_grad)
     x = x.contiguous()
     dy_x = dy.to(x.dtype).contiguous()
@@ -356,3 +324,26 @@ def ss1_backward_triton(dy: Tensor, x: Tensor, P: Tensor, bias: Optional[Tensor]
         db = dy.sum(0, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32)
         db = db.to(out)
     return dx, dP, db
+
+
+# ----------------------------------------------------------------------------- registration
+# The CUDA kernels of ``structfx::ss1_linear`` / ``ss1_linear_backward``: registered when this
+# module is imported (kernels/ops.py registers a stand-in that imports it on the first CUDA
+# call). Called directly they also run on CPU tensors under TRITON_INTERPRET=1 (tests).
+@torch.library.register_kernel("structfx::ss1_linear", "cuda")
+def ss1_linear_cuda(x: Tensor, P: Tensor, bias: Optional[Tensor], compression: int, seed: int,
+                    block_k: int, block_n: int) -> Tensor:
+    ops.check_ss1_args(x, P, bias, compression, seed, block_k, block_n)
+    y = ss1_forward_triton(ops.tokens_2d(x), P, bias, compression, ss1_hash.hash_coeffs(seed),
+                           block_k, block_n)
+    return y.reshape(*x.shape[:-1], P.shape[0])
+
+
+@torch.library.register_kernel("structfx::ss1_linear_backward", "cuda")
+def ss1_linear_backward_cuda(dy: Tensor, x: Tensor, P: Tensor, compression: int, seed: int,
+                             block_k: int, block_n: int, needs: Sequence[bool]
+                             ) -> tuple[Tensor, ...]:
+    ops.check_backward_args("ss1_linear_backward", dy, x, P.shape[0], needs, 3)
+    dx, dP, db = ss1_backward_triton(ops.tokens_2d(dy), ops.tokens_2d(x), P, None, compression,
+                                     ss1_hash.hash_coeffs(seed), block_k, block_n, needs)
+    return ops.grads_out((None if dx is None else dx.reshape(x.shape), dP, db), dy)

@@ -39,7 +39,7 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ..kernels import ops as _ops  # noqa: F401  (registers torch.ops.structfx.*)
+from ..kernels import ops as _ops  # registers torch.ops.structfx.*; the FLOP formulas
 from ..kernels import ss1_hash, ss1_torch
 from .factorize_blast import blast_rank_for_params
 
@@ -323,7 +323,7 @@ class CostModel:
                 kernels.append(_Kernel(0, 2 * y))   # (b1, T, p) -> (T, m): a transposing copy
         c = self._candidate(kernels, structure="blast", blocks=(b1, b2), rank=r,
                             compression=None, params=blast_params(m, n, blocks, r),
-                            flops=2 * T * r * (b2 * q + b1 * p + b1 * b2))  # = ops.blast_flops
+                            flops=_ops.blast_flops((T, n), (b1, p, r), (b1, b2, r), (b2, q, r)))
         return self._measured(c, m, n, tokens) if self.measure else c
 
     def ss1(self, m: int, n: int, tokens: int, compression: int, block_k: int = 32,
@@ -333,7 +333,7 @@ class CostModel:
         K_red = ss1_hash.reduced_k(K, c, block_k)
         nb = -(-N // block_n)
         P, y = e * N * K_red, e * T * nb * block_n
-        flops = 2 * T * N * K_red + T * K * nb     # = ops.ss1_flops: GEMM + sketch additions
+        flops = _ops.ss1_flops((T, K), (N, K_red), block_n)  # GEMM + sketch additions
         if self.profile.kind == "cuda":
             # One fused kernel; every column block re-reads (and re-sketches) all of x.
             kernels = [_Kernel(flops, P + e * T * K * nb + e * T * N, self._eff(T, N, K_red))]

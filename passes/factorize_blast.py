@@ -71,13 +71,7 @@ def blast_rank_for_params(out_features: int, in_features: int, blocks: Blocks,
     return max(1, math.floor(params * m * n / (m + n + b1 * b2)))
 
 
-def _pair(blocks: Blocks) -> tuple[int, int]:
-    if isinstance(blocks, numbers.Integral) and not isinstance(blocks, bool):
-        return int(blocks), int(blocks)
-    if (isinstance(blocks, (tuple, list)) and len(blocks) == 2
-            and all(isinstance(b, numbers.Integral) and not isinstance(b, bool) for b in blocks)):
-        return int(blocks[0]), int(blocks[1])
-    raise ValueError(f"blocks must be an int or a pair of ints (b1, b2), got {blocks!r}")
+from ..kernels.shapes import block_pair as _pair  # noqa: E402  (shared with BlastLinear)
 
 
 def _check(weight, blocks, rank, steps, calib) -> tuple[int, int]:

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
-from scipy.sparse import csr_array
 
 
 @contextlib.contextmanager
@@ -79,6 +77,8 @@ def select(layers: Sequence[Sequence[Option]], *, params: Optional[float] = None
 
     Raises ``ValueError`` if a budget can't be met with the allowed options.
     """
+    from scipy.optimize import Bounds, LinearConstraint, milp  # here: not on `import structfx`
+    from scipy.sparse import csr_array
     if params is None and flops is None and max_error is None:
         raise ValueError("give params=, flops= or max_error=")
     for name, frac in (("params", params), ("flops", flops), ("max_error", max_error)):

@@ -14,8 +14,25 @@ from .passes.factorize_blast import factorize_blast
 from .passes.project_ss1 import project_ss1
 from .compress import compress
 from .backend import backend
-from .export import export_onnx, onnx_session
 from .distillation import DistillResult, distill
+
+# Imported on first use: `import structfx` is also how torch.compile loads the backend (the
+# torch_dynamo_backends entry point), and onnx / onnxscript cost ~0.7 s that compiling never needs.
+_LAZY = {"export_onnx": "export", "onnx_session": "export"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = ["BlastLinear", "SS1Linear", "Config", "Report", "LayerDecision", "last_report",
            "reports", "clear_reports", "factorize_blast", "project_ss1", "compress", "backend",

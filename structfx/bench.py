@@ -232,8 +232,9 @@ def ops(args) -> dict:
     interpreted = [mod for mod in ("blast_triton", "ss1_triton")
                    if f"structfx.kernels.{mod}" in sys.modules]
     if device.type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
-        # structfx.kernels defaults it to 1 for CPU runs; timing interpreted kernels on a GPU
-        # would be meaningless. Triton reads it when a kernel module is first imported.
+        # Inherited from the environment (tests/conftest.py sets it for CPU test runs); timing
+        # interpreted kernels on a GPU would be meaningless. It counts when a kernel module is
+        # first imported (kernels/triton_common.py), so it is cleared before that.
         os.environ["TRITON_INTERPRET"] = "0"
         if interpreted:
             print(f"warning: {interpreted} already imported with TRITON_INTERPRET=1; "

@@ -8,24 +8,14 @@ through the ``torch.ops.structfx`` ops, so they work in eager, ``torch.compile``
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .kernels import ops, ss1_hash
 from .kernels.reference import blast_dense_weight
-
-Blocks = Union[int, tuple[int, int]]
-
-
-def _pair(blocks: Blocks) -> tuple[int, int]:
-    if isinstance(blocks, int) and not isinstance(blocks, bool):
-        return blocks, blocks
-    if (isinstance(blocks, (tuple, list)) and len(blocks) == 2
-            and all(isinstance(b, int) and not isinstance(b, bool) for b in blocks)):
-        return int(blocks[0]), int(blocks[1])
-    raise ValueError(f"blocks must be an int or a pair of ints (b1, b2), got {blocks!r}")
+from .kernels.shapes import Blocks, block_pair
 
 
 def _check_features(cls: str, in_features: int, out_features: int) -> None:
@@ -51,6 +41,19 @@ def _linear_weight(linear: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tens
     return linear.weight.detach(), (None if linear.bias is None else linear.bias.detach())
 
 
+def _adopt(layer: nn.Module, f, bias: Optional[torch.Tensor], **factors: torch.Tensor):
+    """``from_linear``'s last step: the factors and the dense bias copied into ``layer``, the
+    factorizer's errors (``f.error``, ``f.output_error``) kept on it."""
+    with torch.no_grad():
+        for name, value in factors.items():
+            getattr(layer, name).copy_(value)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    layer.factorization_error = f.error
+    layer.output_error = f.output_error
+    return layer
+
+
 class BlastLinear(nn.Module):
     """``y = x @ W.T + bias`` with ``W`` a BLAST matrix (spec/blast.md).
 
@@ -64,7 +67,7 @@ class BlastLinear(nn.Module):
                  bias: bool = True, device=None, dtype=None):
         super().__init__()
         _check_features("BlastLinear", in_features, out_features)
-        b1, b2 = _pair(blocks)
+        b1, b2 = block_pair(blocks)
         if b1 < 1 or b2 < 1:
             raise ValueError(f"BlastLinear: blocks must be >= 1, got {(b1, b2)}")
         if b1 > out_features or b2 > in_features:
@@ -105,7 +108,7 @@ class BlastLinear(nn.Module):
         from .passes.factorize_blast import blast_rank_for_params, factorize_blast
 
         m, n = weight.shape
-        b1, b2 = _pair(blocks)
+        b1, b2 = block_pair(blocks)
         if rank is not None and params is not None:
             raise ValueError("BlastLinear.from_linear: give rank or params, not both")
         if rank is None:
@@ -113,15 +116,7 @@ class BlastLinear(nn.Module):
         layer = cls(n, m, (b1, b2), rank, bias=bias is not None, device=weight.device,
                     dtype=weight.dtype)
         f = factorize_blast(weight, (b1, b2), rank, calib=calib, **factorize_kwargs)
-        with torch.no_grad():
-            layer.U.copy_(f.U)
-            layer.S.copy_(f.S)
-            layer.V.copy_(f.V)
-            if bias is not None:
-                layer.bias.copy_(bias)
-        layer.factorization_error = f.error
-        layer.output_error = f.output_error
-        return layer
+        return _adopt(layer, f, bias, U=f.U, S=f.S, V=f.V)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input("BlastLinear", x, self.in_features)
@@ -197,13 +192,7 @@ class SS1Linear(nn.Module):
                     block_n=block_n, device=weight.device, dtype=weight.dtype)
         f = project_ss1(weight, compression, seed, calib=calib, block_k=block_k,
                         block_n=block_n, **project_kwargs)
-        with torch.no_grad():
-            layer.P.copy_(f.P)
-            if bias is not None:
-                layer.bias.copy_(bias)
-        layer.factorization_error = f.error
-        layer.output_error = f.output_error
-        return layer
+        return _adopt(layer, f, bias, P=f.P)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input("SS1Linear", x, self.in_features)

@@ -7,6 +7,7 @@ against autograd through it. Shapes cover block counts 1, 2, 4 and b1 != b2, ``m
 are and are not multiples of the blocks (padding), ranks below and across the 16-wide tile, and
 token counts below, at and across the 16-row token tile.
 """
+import itertools
 import math
 
 import pytest
@@ -16,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from structfx.kernels import blast_triton
-from structfx.kernels.blast_triton import blast_backward_triton, blast_forward_triton
+from structfx.kernels.blast_triton import (blast_backward_triton, blast_forward_triton,
+                                           blast_linear_backward_cuda, blast_linear_cuda)
 from structfx.kernels.reference import blast_linear_reference
 
 GRADS = ("dx", "dU", "dS", "dV", "dbias")
@@ -126,12 +128,26 @@ def test_fp64_forward_and_backward():
                tol=1e-12)
 
 
-def test_interpreter_upcasts_half_dots_only():
-    """``DOT_FP32`` (upcast of the ``tl.dot`` operands) is on for half inputs under the
-    interpreter, whose bf16/fp16 ``tl.dot`` returns garbage, and off otherwise."""
-    assert blast_triton._static(torch.bfloat16)["DOT_FP32"]
-    assert blast_triton._static(torch.float16)["DOT_FP32"]
-    assert not blast_triton._static(torch.float32)["DOT_FP32"]
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_exact_on_small_integers(dtype):
+    """Entries in {-1, 0, 1} keep every product, partial sum, ``z``, ``w``, ``y`` and grad an
+    integer of at most 256 (asserted below), which bf16 and fp16 hold exactly, and the kernels
+    accumulate in fp32: the half-precision forward and backward must equal the fp64 dense
+    reference bit for bit. A half-precision ``tl.dot`` that is wrong (the interpreter's is,
+    unless the operands are upcast), or a half accumulator, cannot pass."""
+    T, m, n, b1, b2, r = 20, 37, 45, 2, 3, 4   # T, p = 19, q = 15 span two 16-wide tiles
+    p, q = -(-m // b1), -(-n // b2)
+    g = torch.Generator().manual_seed(3)
+    tern = lambda *s: torch.randint(-1, 2, s, generator=g).to(dtype)  # noqa: E731
+    x, U, S, V, b, dy = tern(T, n), tern(b1, p, r), tern(b1, b2, r), tern(b2, q, r), tern(m), \
+        tern(T, m)
+    want_y = reference(x, U, S, V, b, m)
+    want = reference_grads(dy, x, U, S, V, b, m)
+    assert max(t.abs().max() for t in (want_y, *want)) <= 256  # the premise: exact in half
+    assert torch.equal(blast_forward_triton(x, U, S, V, b, m).double(), want_y)
+    got = blast_backward_triton(dy, x, U, S, V, b, m, (True,) * 5)
+    for name, g_, w in zip(GRADS, got, want):
+        assert g_.dtype == dtype and torch.equal(g_.double(), w), name
 
 
 # ----------------------------------------------------------------------------- backward fp32
@@ -227,29 +243,61 @@ def _args(**bad):
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(x=torch.randn(2, 3, 45)), "2-D"),
-    (dict(x=torch.randn(45)), "2-D"),
+    (dict(x=torch.tensor(1.0)), "at least 1 dimension"),
     (dict(x=torch.randn(4, 46)), "b2\\*q"),
-    (dict(x=torch.randint(0, 3, (4, 45))), "fp16"),
-    (dict(U=torch.randn(38, 8)), "U must be a 3-D"),
-    (dict(V=torch.randn(3, 15, 9)), "rank"),
-    (dict(S=torch.randn(3, 2, 8)), "S has shape"),
+    (dict(x=torch.randint(0, 3, (4, 45))), "floating"),
+    (dict(U=torch.randn(38, 8)), "must be 3-D"),
+    (dict(V=torch.randn(3, 15, 9)), "factor shapes disagree"),
+    (dict(S=torch.randn(3, 2, 8)), "factor shapes disagree"),
     (dict(out_features=39), "out_features"),
     (dict(out_features=0), "out_features"),
     (dict(bias=torch.randn(38)), "bias"),
-    (dict(S=torch.randint(0, 3, (2, 3, 8))), "floating point"),
+    (dict(S=torch.randint(0, 3, (2, 3, 8))), "dtype"),
 ])
 def test_invalid_inputs_raise(bad, match):
-    with pytest.raises(ValueError, match=match):
-        blast_forward_triton(**_args(**bad))
+    """The CUDA kernel checks its arguments with the op's checks before any launch."""
+    with pytest.raises((ValueError, TypeError), match=match):
+        blast_linear_cuda(**_args(**bad))
 
 
 def test_backward_rejects_bad_dy_and_flags():
     a = _args()
+    del a["bias"]
     with pytest.raises(ValueError, match="dy"):
-        blast_backward_triton(torch.randn(4, 38), *a.values(), (True,) * 5)
-    with pytest.raises(ValueError, match="needs_input_grad"):
-        blast_backward_triton(torch.randn(4, 37), *a.values(), (True,) * 3)
+        blast_linear_backward_cuda(torch.randn(4, 38), *a.values(), [True] * 5)
+    with pytest.raises(ValueError, match="needs"):
+        blast_linear_backward_cuda(torch.randn(4, 37), *a.values(), [True] * 3)
+
+
+def test_cuda_kernel_matches_reference_with_leading_dims():
+    """What ``torch.ops.structfx.blast_linear`` runs on CUDA tensors (kernels/ops.py loads it):
+    leading dims flattened, forward and backward vs the dense reference."""
+    T, m, n, b1, b2, r = 6, 37, 45, 2, 3, 20
+    x, U, S, V, b = make(T, m, n, b1, b2, r, True, 5)
+    x3 = x.view(2, 3, n)
+    y = blast_linear_cuda(x3, U, S, V, b, m)
+    assert y.shape == (2, 3, m)
+    assert rel_max(y.view(T, m), reference(x, U, S, V, b, m)) < 1e-5
+    dy = random_dy(T, m, 5)
+    got = blast_linear_backward_cuda(dy.view(2, 3, m), x3, U, S, V, m, [True] * 5)
+    want = reference_grads(dy, x, U, S, V, b, m)
+    assert got[0].shape == (2, 3, n)
+    for name, g, w in zip(GRADS, (got[0].view(T, n), *got[1:]), want):
+        assert rel_max(g, w) < 1e-5, name
+
+
+@pytest.mark.parametrize("needs", [f for f in itertools.product([False, True], repeat=5)
+                                   if any(f) and not all(f)], ids=str)
+def test_cuda_backward_computes_only_the_needed_grads(needs):
+    """Frozen factors / inference-time dx: the grads asked for equal those of the full
+    backward, the others come back empty (the op's ``None``)."""
+    T, m, n, b1, b2, r = 7, 37, 45, 2, 3, 20
+    x, U, S, V, _ = make(T, m, n, b1, b2, r, False, 1)
+    dy = random_dy(T, m, 1)
+    full = blast_linear_backward_cuda(dy, x, U, S, V, m, [True] * 5)
+    got = blast_linear_backward_cuda(dy, x, U, S, V, m, list(needs))
+    for name, f, g, w in zip(GRADS, needs, got, full):
+        assert torch.equal(g, w) if f else g.numel() == 0, name
 
 
 def test_autotune_configs():

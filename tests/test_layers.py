@@ -111,6 +111,9 @@ def test_state_dict_round_trip_keeps_the_hash():
     (lambda: BlastLinear(10, 8, 2, 0), "rank"),
     (lambda: BlastLinear(10, 8, 0, 2), "blocks"),
     (lambda: BlastLinear(10, 8, (2, 2, 2), 2), "blocks"),
+    (lambda: BlastLinear(10, 8, True, 2), "blocks"),
+    (lambda: BlastLinear(10, 8, (2, False), 2), "blocks"),
+    (lambda: BlastLinear(10, 8, 2.0, 2), "blocks"),
     (lambda: SS1Linear(10, 8, 0), "compression"),
     (lambda: SS1Linear(10, 8, 1.5), "compression"),
     (lambda: SS1Linear(10, 8, 2, block_k=12), "block_k"),
@@ -119,6 +122,20 @@ def test_state_dict_round_trip_keeps_the_hash():
 def test_bad_configs_name_the_problem(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+def test_blocks_accept_any_integral_type():
+    """``blocks`` as numpy integers (e.g. from a config array) means the same as Python ints,
+    in the layer and in the factorizer it calls (one ``block_pair`` for both)."""
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 16)
+    a = BlastLinear.from_linear(lin, blocks=(np.int64(2), np.int32(4)), rank=3, steps=5)
+    b = BlastLinear.from_linear(lin, blocks=(2, 4), rank=3, steps=5)
+    assert a.blocks == b.blocks == (2, 4) and type(a.blocks[0]) is int
+    x = torch.randn(3, 24)
+    assert torch.equal(a(x), b(x))
+    assert BlastLinear(24, 16, np.int16(2), 3).blocks == (2, 2)
 
 
 def test_wrong_input_width():

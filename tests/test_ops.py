@@ -1,12 +1,15 @@
 """torch.ops.structfx.blast_linear / ss1_linear: CPU paths vs the plain references, autograd,
 opcheck, torch.compile(fullgraph=True) and torch.export."""
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
 
 import structfx  # noqa: F401  (registers the ops)
-from structfx.kernels import ss1_hash
+from structfx.kernels import ops, ss1_hash
 from structfx.kernels.reference import blast_linear_reference, ss1_linear_reference
 
 blast = torch.ops.structfx.blast_linear
@@ -103,6 +106,74 @@ def test_ss1_gradcheck():
     assert torch.autograd.gradcheck(lambda x, P: ss1(x, P, None, *rest), inputs[:2])
 
 
+def _subsets(n):
+    """Every requires_grad pattern over n inputs with at least one grad (all-frozen has no
+    backward)."""
+    return [f for f in itertools.product([False, True], repeat=n) if any(f)]
+
+
+class _BackwardCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ``needs`` flags each structfx backward op is called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.needs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.structfx.blast_linear_backward.default,
+                    torch.ops.structfx.ss1_linear_backward.default):
+            self.needs.append(tuple(args[-1]))
+        return func(*args, **(kwargs or {}))
+
+
+def _grads(fn, leaves, flags, dy):
+    leaves = [t.detach().clone().requires_grad_(f) for t, f in zip(leaves, flags)]
+    fn(*leaves).backward(dy)
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("flags", _subsets(5), ids=str)
+def test_blast_frozen_factors_get_no_grad(flags):
+    """Only the inputs that require grad get one, equal to the grads of the full computation
+    (all inputs trainable) and to autograd through the dense reference; the backward op is
+    asked for exactly those."""
+    x, U, S, V, b, m = blast_args(4, 23, 19, 3, 2, 4, dtype=torch.float64, lead=(2,))
+    dy = torch.randn(2, 4, m, dtype=torch.float64)
+    full = _grads(lambda *a: blast(*a, m), (x, U, S, V, b), (True,) * 5, dy)
+    want = _grads(lambda *a: blast_linear_reference(*a, m), (x, U, S, V, b), (True,) * 5, dy)
+    with _BackwardCalls() as calls:
+        got = _grads(lambda *a: blast(*a, m), (x, U, S, V, b), flags, dy)
+    assert calls.needs == [flags]
+    for name, f, g, g_full, w in zip("xUSVb", flags, got, full, want):
+        if f:
+            assert torch.equal(g, g_full) and rel(g, w) < 1e-12, name
+        else:
+            assert g is None, name
+
+
+@pytest.mark.parametrize("flags", _subsets(3), ids=str)
+def test_ss1_frozen_factors_get_no_grad(flags):
+    x, P, b, *rest = ss1_args(3, 70, 40, 2, seed=9, bk=16, bn=16, dtype=torch.float64, lead=(2,))
+    dy = torch.randn(2, 3, 40, dtype=torch.float64)
+    full = _grads(lambda *a: ss1(*a, *rest), (x, P, b), (True,) * 3, dy)
+    want = _grads(lambda *a: ss1_linear_reference(*a, *rest), (x, P, b), (True,) * 3, dy)
+    with _BackwardCalls() as calls:
+        got = _grads(lambda *a: ss1(*a, *rest), (x, P, b), flags, dy)
+    assert calls.needs == [flags]
+    for name, f, g, g_full, w in zip(("x", "P", "bias"), flags, got, full, want):
+        if f:
+            assert torch.equal(g, g_full) and rel(g, w) < 1e-12, name
+        else:
+            assert g is None, name
+
+
+def test_no_bias_asks_for_no_bias_grad():
+    x, U, S, V, _, m = blast_args(4, 23, 19, 3, 2, 4, bias=False)
+    with _BackwardCalls() as calls:
+        blast(x, U.requires_grad_(), S, V, None, m).sum().backward()
+    assert calls.needs == [(False, True, False, False, False)]
+
+
 def test_opcheck():
     for args in (blast_args(5, 40, 30, 2, 3, 4, lead=(2,)),
                  blast_args(5, 40, 30, 2, 3, 4, bias=False)):
@@ -154,9 +225,84 @@ def test_export_keeps_one_node_per_op():
 
 def test_flop_counter_knows_the_ops():
     x, U, S, V, b, m = blast_args(10, 64, 32, 2, 2, 4)
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False) as fc:
         blast(x, U, S, V, b, m)
     assert fc.get_total_flops() == 2 * 10 * 4 * (64 + 32 + 4)
+
+
+def _counted(fn):
+    with FlopCounterMode(display=False) as fc:
+        out = fn()
+    return fc.get_total_flops(), out
+
+
+def _blast_by_bmm(x, U, S, V, m):
+    """The BLAST product as three batched matmuls (torch counts their multiply-adds): the
+    oracle for ``blast_flops``. The mixing is one ``(b1 x b2) @ (b2 x T)`` product per rank
+    index, counted also where it degenerates to a broadcast multiply (b2 = 1)."""
+    (b1, p, r), (b2, q, _) = U.shape, V.shape
+    xb = torch.nn.functional.pad(x, (0, b2 * q - x.shape[-1])).view(-1, b2, q)
+    z = torch.bmm(xb.transpose(0, 1), V)                                  # T b2 q r
+    w = torch.bmm(S.permute(2, 0, 1), z.permute(2, 0, 1))                 # T b1 b2 r
+    y = torch.bmm(w.permute(1, 2, 0), U.transpose(1, 2))                  # T b1 p r
+    return y.transpose(0, 1).reshape(-1, b1 * p)[:, :m]
+
+
+@pytest.mark.parametrize("T,n,m,b1,b2,r", [(10, 64, 32, 2, 2, 4), (7, 45, 37, 2, 3, 20),
+                                           (3, 30, 50, 1, 1, 6), (5, 33, 47, 4, 2, 3)])
+def test_blast_flops_count_the_multiply_adds(T, n, m, b1, b2, r):
+    """``blast_flops`` (the op's FLOP formula, also the cost model's) against torch's own count
+    of the bmm formulation, forward and backward."""
+    x, U, S, V, _, m = blast_args(T, n, m, b1, b2, r, bias=False, dtype=torch.float64)
+    want_fwd, y = _counted(lambda: _blast_by_bmm(x, U, S, V, m))
+    assert rel(y, blast_linear_reference(x, U, S, V, None, m)) < 1e-12  # it is the product
+    assert ops.blast_flops(x.shape, U.shape, S.shape, V.shape) == want_fwd
+    got_fwd, _ = _counted(lambda: blast(x, U, S, V, None, m))
+    assert got_fwd == want_fwd
+    leaves = [t.requires_grad_() for t in (x, U, S, V)]
+    dy = torch.randn(T, m, dtype=torch.float64)
+    y_ref, y_op = _blast_by_bmm(*leaves, m), blast(*leaves, None, m)
+    want_bwd, _ = _counted(lambda: torch.autograd.grad(y_ref, leaves, dy))
+    got_bwd, _ = _counted(lambda: torch.autograd.grad(y_op, leaves, dy))
+    assert got_bwd == want_bwd == 2 * want_fwd
+
+
+@pytest.mark.parametrize("T,K,N,c,bk,bn", [(5, 64, 64, 2, 32, 64), (9, 100, 70, 2, 32, 64),
+                                           (3, 97, 33, 4, 16, 16), (6, 50, 200, 7, 8, 32)])
+def test_ss1_flops_count_the_gemm_and_the_sketch(T, K, N, c, bk, bn):
+    """``ss1_flops`` against an independent count: torch's count of one GEMM per column block
+    (``sketch_j (T, K_red) @ P_j.T``, the real rows of ``P`` only) plus one addition per input
+    value gathered into a sketch (the entries of the sketch index that point into ``x``)."""
+    x, P, _, c, seed, bk, bn = ss1_args(T, K, N, c, seed=2, bk=bk, bn=bn, bias=False,
+                                        dtype=torch.float64)
+    idx = ss1_hash.sketch_index(K, N, c, seed, bk, bn)         # (blocks, c, K_red); K = zero pad
+    x_pad = torch.nn.functional.pad(x, (0, 1))
+    sketches = [x_pad[:, idx[j]].sum(1) for j in range(idx.shape[0])]  # (T, K_red) each
+
+    def by_block():
+        return torch.cat([s @ P[j * bn:(j + 1) * bn].T for j, s in enumerate(sketches)], 1)
+
+    gemm, y = _counted(by_block)
+    assert rel(y, ss1_linear_reference(x, P, None, c, seed, bk, bn)) < 1e-12  # it is the product
+    want = gemm + T * int((idx < K).sum())
+    assert ops.ss1_flops(x.shape, P.shape, bn) == want
+    assert _counted(lambda: ss1(x, P, None, c, seed, bk, bn))[0] == want
+
+
+@pytest.mark.parametrize("needs", _subsets(5)[:-1], ids=str)
+def test_opcheck_blast_backward(needs):
+    x, U, S, V, _, m = blast_args(5, 40, 30, 2, 3, 4, lead=(2,))
+    dy = torch.randn(2, 5, m)
+    torch.library.opcheck(torch.ops.structfx.blast_linear_backward,
+                          (dy, x, U, S, V, m, list(needs)))
+
+
+@pytest.mark.parametrize("needs", _subsets(3)[:-1], ids=str)
+def test_opcheck_ss1_backward(needs):
+    x, P, _, c, seed, bk, bn = ss1_args(5, 70, 40, 2, lead=(2,))
+    dy = torch.randn(2, 5, 40)
+    torch.library.opcheck(torch.ops.structfx.ss1_linear_backward,
+                          (dy, x, P, c, seed, bk, bn, list(needs)))
 
 
 # ----------------------------------------------------------------------------- errors

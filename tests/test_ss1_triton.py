@@ -7,17 +7,17 @@ multiples of c*BK / BN, non-power-of-two BK / BN, BN > 128 (several N tiles per 
 token counts below and across the interpreter's 32-row token tile.
 """
 import dataclasses
-import inspect
+import itertools
 
 import pytest
 import torch
-import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from structfx.kernels import ss1_hash, ss1_triton
 from structfx.kernels.reference import ss1_linear_reference
-from structfx.kernels.ss1_triton import ss1_backward_triton, ss1_forward_triton
+from structfx.kernels.ss1_triton import (ss1_backward_triton, ss1_forward_triton,
+                                         ss1_linear_backward_cuda, ss1_linear_cuda)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -218,42 +218,88 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(x=torch.randn(2, 3, 40)), "2-D"),
-    (dict(x=torch.randn(40)), "2-D"),
+    (dict(x=torch.tensor(1.0)), "at least 1 dimension"),
     (dict(P=torch.randn(20, 48)), "K_red"),
     (dict(P=torch.randn(20)), "2-D"),
     (dict(bias=torch.randn(21)), "bias"),
     (dict(compression=0), "compression"),
     (dict(block_k=12), "block_k"),
-    (dict(x=torch.randint(0, 3, (4, 40))), "fp16"),
-    (dict(coeffs=(1, 2, 3)), "coeffs"),
+    (dict(x=torch.randint(0, 3, (4, 40))), "floating"),
+    (dict(P=torch.randn(20, 32, dtype=torch.float64)), "dtype"),
 ])
 def test_invalid_inputs_raise(bad, match):
+    """The CUDA kernel checks its arguments with the op's checks before any launch."""
     args = dict(x=torch.randn(4, 40), P=torch.randn(20, 32), bias=torch.randn(20), compression=2,
-                coeffs=(1, 2, 3, 4), block_k=16, block_n=16)
+                seed=0, block_k=16, block_n=16)
     args.update(bad)
-    with pytest.raises(ValueError, match=match):
-        ss1_forward_triton(**args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ss1_linear_cuda(**args)
 
 
-def test_backward_rejects_bad_dy():
+def test_backward_rejects_bad_dy_and_flags():
+    x, P = torch.randn(4, 40), torch.randn(20, 32)
     with pytest.raises(ValueError, match="dy"):
-        ss1_backward_triton(torch.randn(4, 21), torch.randn(4, 40), torch.randn(20, 32), None,
-                            2, (1, 2, 3, 4), 16, 16, (True, True, True))
+        ss1_linear_backward_cuda(torch.randn(4, 21), x, P, 2, 0, 16, 16, [True] * 3)
+    with pytest.raises(ValueError, match="needs"):
+        ss1_linear_backward_cuda(torch.randn(4, 20), x, P, 2, 0, 16, 16, [True] * 2)
 
 
-def test_hash_coefficients_are_runtime_arguments():
-    """R0..R3 and c are plain runtime args (one compiled kernel for all layers); BK, BN are
-    compile-time structure, and only BLOCK_T is tuned."""
-    for kern in (ss1_triton._ss1_fwd_kernel, ss1_triton._ss1_dx_kernel,
-                 ss1_triton._ss1_dp_kernel):
-        params = inspect.signature(kern.fn.fn).parameters
-        for name in ("R0", "R1", "R2", "R3", "C"):
-            assert params[name].annotation is inspect.Parameter.empty, name
-        for name in ("BK", "BN"):
-            assert params[name].annotation in (tl.constexpr, "tl.constexpr"), name
-        assert {k for cfg in kern.configs for k in cfg.kwargs} == {"BLOCK_T"}
-        assert set(kern.fn.kwargs["do_not_specialize"]) >= {"R0", "R1", "R2", "R3"}
+def test_cuda_kernel_matches_reference_with_leading_dims():
+    """What ``torch.ops.structfx.ss1_linear`` runs on CUDA tensors (kernels/ops.py loads it):
+    leading dims flattened, forward and backward vs the dense reference."""
+    T, K, N, c, bk, bn, seed = 6, 70, 40, 2, 16, 16, 3
+    x, P, b = make(T, K, N, c, bk, bn, True, seed)
+    x3 = x.view(2, 3, K)
+    y = ss1_linear_cuda(x3, P, b, c, seed, bk, bn)
+    assert y.shape == (2, 3, N)
+    assert rel_max(y.view(T, N), reference(x, P, b, c, seed, bk, bn)) < 1e-5
+    dy = torch.randn(T, N, generator=torch.Generator().manual_seed(1), dtype=torch.float64).float()
+    dx, dP, db = ss1_linear_backward_cuda(dy.view(2, 3, N), x3, P, c, seed, bk, bn, [True] * 3)
+    want = reference_grads(x, P, b, dy, c, seed, bk, bn)
+    assert dx.shape == (2, 3, K)
+    for name, g, w in zip(("dx", "dP", "dbias"), (dx.view(T, K), dP, db), want):
+        assert rel_max(g, w) < 1e-5, name
+
+
+@pytest.mark.parametrize("needs", [f for f in itertools.product([False, True], repeat=3)
+                                   if any(f) and not all(f)], ids=str)
+def test_cuda_backward_computes_only_the_needed_grads(needs):
+    """Frozen P / inference-time dx: the grads asked for equal those of the full backward, the
+    others come back empty (the op's ``None``)."""
+    T, K, N, c, bk, bn = 7, 60, 30, 2, 16, 16
+    x, P, _ = make(T, K, N, c, bk, bn, False, 1)
+    dy = torch.randn(T, N, generator=torch.Generator().manual_seed(2))
+    full = ss1_linear_backward_cuda(dy, x, P, c, 1, bk, bn, [True] * 3)
+    got = ss1_linear_backward_cuda(dy, x, P, c, 1, bk, bn, list(needs))
+    for name, f, g, w in zip(("dx", "dP", "dbias"), needs, got, full):
+        assert torch.equal(g, w) if f else g.numel() == 0, name
+
+
+def test_each_call_uses_its_own_hash():
+    """Layers that share ``BK`` / ``BN`` (and so the compiled kernels: ``R0..R3`` and ``c`` are
+    runtime arguments) but differ in seed and compression, run one after the other: each result
+    matches the reference of its own seed and compression, forward and backward, and not that
+    of the previous layer (a kernel specialized on, or caching, the first hash would)."""
+    T, K, N, bk, bn = 9, 128, 48, 32, 16
+    g = torch.Generator().manual_seed(0)
+    dy = torch.randn(T, N, generator=g, dtype=torch.float64).float()
+    previous, distinct = None, 0
+    for seed, c in [(0, 2), (1, 2), (2, 2), (7, 3), (123456, 3), (5, 1)]:
+        x, P, b = make(T, K, N, c, bk, bn, True, seed)
+        y = run_forward(x, P, b, c, seed, bk, bn)
+        assert rel_max(y, reference(x, P, b, c, seed, bk, bn)) < 1e-5, (seed, c)
+        dx, dP, _ = ss1_backward_triton(dy, x, P, b, c, ss1_hash.hash_coeffs(seed), bk, bn)
+        gx, gP, _ = reference_grads(x, P, b, dy, c, seed, bk, bn)
+        assert rel_max(dx, gx) < 1e-5 and rel_max(dP, gP) < 1e-5, (seed, c)
+        # Same c: the previous layer's hash would also run. With VEC = 8 a chunk has only
+        # BK / 8 rotations, so two seeds can give the same map; compare where they differ.
+        if previous is not None and previous[1] == c and not torch.equal(
+                ss1_hash.weight_index(K, N, c, seed, bk, bn),
+                ss1_hash.weight_index(K, N, c, previous[0], bk, bn)):
+            assert rel_max(y, reference(x, P, b, c, previous[0], bk, bn)) > 0.1, (seed, c)
+            distinct += 1
+        previous = (seed, c)
+    assert distinct >= 2
 
 
 def test_token_tile_pruning_sees_keyword_args():
