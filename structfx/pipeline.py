@@ -331,6 +331,7 @@ def make_report(decisions: list[Decision], layers: dict[str, Factorized], device
             params=c.params, dense_params=dn.params,
             weight_error=f.weight_error if f else None,
             output_error=f.output_error if f else None,
+            estimated_error=d.estimate.price if f and d.estimate else None,
             predicted_speedup=(dn.time_s / c.time_s) if timed and not c.measured else None,
             measured_speedup=(dn.time_s / c.time_s) if timed and c.measured and dn.measured
             else None,

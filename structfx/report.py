@@ -26,6 +26,7 @@ class LayerDecision:
     dense_params: int
     weight_error: Optional[float] = None
     output_error: Optional[float] = None   # on the example inputs (held-out calibration rows)
+    estimated_error: Optional[float] = None  # what select priced it at (estimate pass)
     predicted_speedup: Optional[float] = None
     measured_speedup: Optional[float] = None
     skip: Optional[str] = None             # why it stayed dense

@@ -3,3 +3,18 @@ import os
 # Triton kernels run on CPU tensors through the interpreter; it must be set before triton
 # is imported anywhere.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_structfx_state():
+    """Every test starts with an empty string-backend store and no reports."""
+    yield
+    import sys
+
+    if "structfx" in sys.modules:
+        from structfx import backend, report
+
+        backend.DEFAULT_STORE.clear()
+        report.clear_reports()
