@@ -469,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="1 layer, hidden 128, batch 2, seq 16: runs in seconds")
     p.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
     p.set_defaults(func=onnx_bench)
+
+    from . import bench_compress
+
+    bench_compress.add_parser(sub)
     return parser
 
 

