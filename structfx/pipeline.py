@@ -182,6 +182,7 @@ def apply(graph: fx.Graph, plans: list[Plan], layers: dict[str, tuple[nn.Module,
     for p in plans:
         if p.replaced:
             node, dead = rewrite.replace_node(graph, p.site, p.site.name)
+            rewrite.inherit_requires_grad(layers[p.site.name][0], p.site.weight, p.site.bias)
             new_nodes.append((p.site.name, node))
             freed += dead
     rewrite.drop_unused_attrs(graph, root, freed)
