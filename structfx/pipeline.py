@@ -102,7 +102,7 @@ def plan(sites: list[LinearSite], config: Config, dtype: Optional[torch.dtype] =
             p.site.skip = "no candidate predicted faster than dense"
     if options:
         sel = select(options, params=config.params, flops=config.flops,
-                     max_error=config.max_error)
+                     max_error=config.max_error, force=config.force)
         for (p, cands, errs), k in zip(candidate_lists, sel.choice):
             p.chosen, p.error_estimate = cands[k], errs[k]
             if k == 0 and p.site.skip is None:
