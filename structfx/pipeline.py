@@ -13,7 +13,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from .config import Config
-from .passes import factorize, rewrite
+from .passes import checks, factorize, rewrite
 from .passes.cost_model import Candidate, CostModel, device_profile
 from .passes.match import LinearSite
 from .passes.select import Option, select
@@ -165,6 +165,8 @@ def build_layers(plans: list[Plan], config: Config,
                   leave=False):
         x = (inputs or {}).get(p.site.name)
         fit, held = split_rows(x) if (calibrated and x is not None and x.shape[0] >= 10) else (None, x)
+        if fit is not None:
+            checks.check_calibration(p.site.name, x)
         layer, meta = factorize.build_layer(p.site, p.chosen, config, calib=fit)
         if held is not None and held.shape[0]:
             meta["output_error"] = output_error(layer, p.site, held)
