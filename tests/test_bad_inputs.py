@@ -115,13 +115,20 @@ def test_bias_expression_is_added_after_the_structured_op(kind, scale, tokens):
 
 
 @pytest.mark.parametrize("kind", [BiasTimes, BiasAddmm, BiasBroadcast])
-def test_bias_expression_under_compile(kind):
+def test_bias_expression_under_compile_and_onnx(kind, tmp_path):
     torch.manual_seed(0)
     model = kind(1.5).eval()
     x = torch.randn(5, 64)
-    got = _check_bias_expression(model, x, structfx.compress(model, (x,), CFG))
+    small = structfx.compress(model, (x,), CFG)
+    got = _check_bias_expression(model, x, small)
     with torch.no_grad():
         assert rel(compiled(model)(x), got) < 1e-5
+    if kind is BiasTimes:
+        path = str(tmp_path / "bias.onnx")
+        structfx.export_onnx(small, (x,), path)
+        sess = structfx.onnx_session(path)
+        y = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        assert rel(torch.from_numpy(y), got) < 1e-5
 
 
 def test_plain_parameter_bias_is_taken_over():
