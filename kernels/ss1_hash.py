@@ -17,11 +17,32 @@ DEFAULT_BLOCK_K = 32
 DEFAULT_BLOCK_N = 64
 
 
+# Bumped whenever the hash (so which weights a given P and seed stand for) changes: a factor
+# cache keyed on the seed must include it, or factors projected under the old hash would be
+# read under the new one. 2: odd R0..R3.
+HASH_VERSION = 2
+
+
 def hash_coeffs(seed: int) -> tuple[int, int, int, int]:
-    """``(R0, R1, R2, R3)`` for a layer's seed. Small positive ints (runtime kernel args)."""
+    """``(R0, R1, R2, R3)`` for a layer's seed: odd ints ``2k + 1 < 2**15`` (runtime kernel args).
+
+    Odd, as the SS1 authors draw them: the rotation between the ``c`` chunks sharing one
+    parameter chunk differs by ``VEC * R0 * (u - u') mod BK``, so an even ``R0`` can give two
+    tied chunks the same rotation, i.e. identical rows of ``W`` (26% of seeds at c = 2 with
+    any-parity constants). With an odd ``R0`` they are distinct whenever ``c <= BK / VEC``."""
     gen = torch.Generator().manual_seed(int(seed))
-    r = torch.randint(1, 1 << 15, (4,), generator=gen)
-    return tuple(int(v) for v in r)
+    k = torch.randint(0, 1 << 14, (4,), generator=gen)
+    return tuple(int(2 * v + 1) for v in k)
+
+
+def distinct_rotations(c: int, seed: int, block_k: int = DEFAULT_BLOCK_K) -> bool:
+    """Whether the ``c`` chunks sharing one parameter chunk all get distinct rotations (no two
+    identical rows of ``W``). With ``L = block_k / VEC`` rotations available and an odd ``R0``
+    this holds for every seed when ``L`` is a power of two (the default 32: 4) and ``c <= L``;
+    beyond ``c = L`` chunks ``u`` and ``u + L`` necessarily repeat."""
+    L = block_k // VEC
+    R0 = hash_coeffs(seed)[0]
+    return all((R0 * d) % L for d in range(1, c))
 
 
 def reduced_k(K: int, c: int, block_k: int = DEFAULT_BLOCK_K) -> int:

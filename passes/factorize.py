@@ -64,7 +64,10 @@ def _settings(site: LinearSite, cand: Candidate, config, calib: Optional[torch.T
     elif cand.structure == "blast":
         s.update(blocks=list(cand.blocks), rank=cand.rank, steps=config.steps, tol=DEFAULT_TOL)
     else:
-        s.update(compression=cand.compression, seed=layer_seed(config.seed, site.name))
+        from ..kernels import ss1_hash
+
+        s.update(compression=cand.compression, seed=layer_seed(config.seed, site.name),
+                 hash=ss1_hash.HASH_VERSION)
     return s
 
 

@@ -102,6 +102,12 @@ def _check(weight, blocks, rank, steps, calib) -> tuple[int, int]:
             raise ValueError(f"factorize_blast: wrong dtype {calib.dtype} for calib")
         if calib.reshape(-1, n).shape[0] < 2:
             raise ValueError("factorize_blast: calib needs at least 2 rows (one is held out)")
+        from .checks import calibration_problem  # NaN / inf, or a Gram that overflows
+
+        problem = calibration_problem(calib, torch.float64 if weight.dtype == torch.float64
+                                      else torch.float32)
+        if problem is not None:
+            raise ValueError(f"factorize_blast: {problem}")
     return b1, b2
 
 

@@ -9,7 +9,12 @@ Three graph flavours reach structfx:
     directly or through ``aten.t`` — HF GPT-2's ``Conv1D`` stores its weight ``(in, out)``.
 
 Every linear-like node becomes a ``LinearSite``; the ones that must stay dense carry the reason
-in ``skip`` (shared or tied weights, non-float dtypes, below the size floor, filtered out).
+in ``skip`` (shared or tied weights, buffers, non-float dtypes, below the size floor, filtered
+out).
+
+A bias structfx takes over (copies into the structured layer) is only a plain parameter of
+shape ``(out_features,)``; any other bias value (``lin.bias * scale``, an input, a broadcast
+scalar) stays in the graph and is added after the structured op (``LinearSite.bias_arg``).
 """
 from __future__ import annotations
 
@@ -46,6 +51,12 @@ class LinearSite:
     bias_input: Optional[int] = None    # ... and of the bias
     weight_nodes: list = field(default_factory=list)  # nodes that read the weight (get_attr, t)
     skip: Optional[str] = None
+    # Where ``node`` holds its operands: the rewrite reads them from the node as it is then
+    # (an earlier rewrite may have replaced the node producing ``x``). ``bias_arg``: the
+    # position (int) or keyword (str) of a bias that is not a plain parameter, so it stays a
+    # graph value added after the structured op; None when ``bias`` (or no bias) is all.
+    x_arg: int = 0
+    bias_arg: Optional[object] = None
 
     @property
     def linear_weight(self) -> torch.Tensor:
@@ -88,7 +99,7 @@ def _tokens(x: fx.Node) -> int:
 
 def _dotted(source_name: str) -> str:
     """``L['self']._modules['h']._modules['0']`` or ``L['self'].h[0]`` -> ``h.0``."""
-    mods = re.findall(r"_(?:modules|parameters)\['([^']+)'\]", source_name)
+    mods = re.findall(r"_(?:modules|parameters|buffers)\['([^']+)'\]", source_name)
     if mods:
         return ".".join(mods)
     s = re.sub(r"^[A-Za-z_]+\['[^']*'\]\.?", "", source_name)
@@ -155,26 +166,34 @@ def _through_transpose(node) -> tuple[object, bool]:
 
 # ----------------------------------------------------------------------------- matching
 def _linear_like(node: fx.Node, gm: fx.GraphModule):
-    """``(x, weight, weight_operand, bias, stored_transposed)`` or None. ``weight`` is the value
-    holding the parameter; ``weight_operand`` the node's own argument (``weight`` or its ``t``)."""
+    """``(x, weight, weight_operand, bias, stored_transposed, x_arg, bias_arg)`` or None.
+    ``weight`` is the value holding the parameter; ``weight_operand`` the node's own argument
+    (``weight`` or its ``t``); ``x_arg`` / ``bias_arg`` where the node holds ``x`` / ``bias``."""
     if node.op == "call_module":
         mod = _get_attr(gm, node.target)
         if isinstance(mod, nn.Linear):
-            return node.args[0], mod, None, None, False
+            return node.args[0], mod, None, None, False, 0, None
         return None
     if node.op != "call_function":
         return None
     t, a, kw = node.target, node.args, node.kwargs
-    if t in (F.linear, torch._C._nn.linear, aten.linear.default):
+    if t in (F.linear, torch._C._nn.linear, aten.linear.default) and len(a) >= 2:
+        where = 2 if len(a) > 2 else "bias"
         bias = a[2] if len(a) > 2 else kw.get("bias")
-        return a[0], a[1], a[1], bias, False
+        return a[0], a[1], a[1], bias, False, 0, where
     if t in _ADDMM and kw.get("beta", 1) == 1 and kw.get("alpha", 1) == 1 and len(a) == 3:
         w, tr = _through_transpose(a[2])
-        return a[1], w, a[2], a[0], not tr
+        return a[1], w, a[2], a[0], not tr, 1, 0
     if t in _MM and len(a) == 2:
         w, tr = _through_transpose(a[1])
-        return a[0], w, a[1], None, not tr
+        return a[0], w, a[1], None, not tr, 0, None
     return None
+
+
+def _owned_bias(bias: Optional[torch.Tensor], out_features: int) -> bool:
+    """A bias the structured layer may take over: a plain parameter of shape ``(out,)``."""
+    return (isinstance(bias, nn.Parameter) and bias.dim() == 1
+            and bias.shape[0] == out_features and bias.is_floating_point())
 
 
 def match_linears(gm: fx.GraphModule, example_inputs: Optional[Sequence] = None,
@@ -186,20 +205,29 @@ def match_linears(gm: fx.GraphModule, example_inputs: Optional[Sequence] = None,
         found = _linear_like(node, gm)
         if found is None:
             continue
-        x, w, operand, b, transposed = found
+        x, w, operand, b, transposed, x_arg, b_arg = found
         if isinstance(w, nn.Linear):  # call_module
             weight, bias, w_idx, b_idx, name, w_nodes = w.weight, w.bias, None, None, node.target, []
+            b_arg = None
         else:
             weight, w_idx, name = weights.tensor(w)
             if weight is None:
                 continue  # a product of two activations, not a layer
-            bias, b_idx, _ = weights.tensor(b)
             name = name[: -len(".weight")] if name.endswith(".weight") else name
             name = _module_path(node) or name
             w_nodes = [n for n in {w, operand} if isinstance(n, fx.Node)]
+            bias, b_idx, _ = weights.tensor(b)
+            out = weight.shape[-1 if transposed else 0] if weight.dim() == 2 else -1
+            if b is None:
+                b_arg = None
+            elif _owned_bias(bias, out):
+                b_arg = None
+            else:  # an expression (lin.bias * s), an input, a broadcast: stays in the graph
+                bias, b_idx = None, None
         sites.append(LinearSite(name=name, node=node, x=x, weight=weight, bias=bias,
                                 transposed=transposed, tokens=_tokens(x), weight_input=w_idx,
-                                bias_input=b_idx, weight_nodes=w_nodes))
+                                bias_input=b_idx, weight_nodes=w_nodes, x_arg=x_arg,
+                                bias_arg=b_arg))
     _mark_skips(gm, sites, config, _embedding_storages(gm, weights))
     return sites
 
@@ -230,6 +258,8 @@ def _mark_skips(gm: fx.GraphModule, sites: list[LinearSite], config, embeddings:
             s.skip = f"non-float weight ({w.dtype})"
         elif w.dim() != 2:
             s.skip = f"weight is {w.dim()}-D, not a matrix"
+        elif not isinstance(w, nn.Parameter):
+            s.skip = "weight is a buffer or constant, not a parameter (not trainable)"
         elif w.untyped_storage().data_ptr() in embeddings:
             s.skip = "weight tied to an embedding"
         elif len(by_storage[w.untyped_storage().data_ptr()]) > 1 or _weight_users(s):

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import ss1_hash
+from .checks import calibration_problem
 from .factorize_blast import relative_error as _relative, split_calib
 from .spd_solve import spd_solve
 
@@ -64,6 +65,10 @@ def _check(weight, compression, calib, block_k, block_n, ridge):
             raise ValueError(f"project_ss1: wrong dtype {calib.dtype} for calib")
         if calib.reshape(-1, K).shape[0] < 2:
             raise ValueError("project_ss1: calib needs at least 2 rows (one is held out)")
+        # Finite is all it takes: the rows are rescaled before the Gram is formed.
+        problem = calibration_problem(calib, gram_dtype=None)
+        if problem is not None:
+            raise ValueError(f"project_ss1: {problem}")
     return compression
 
 
@@ -130,7 +135,10 @@ def project_ss1(weight: Tensor, compression: int, seed: int = 0, calib: Optional
     P = _mean_projection(W, idx, N * K_red).reshape(N, K_red)
     output_error = None
     if calib is not None:
-        X = calib.detach().to(device=W.device, dtype=dtype).reshape(-1, K)
+        X = calib.detach().to(device=W.device, dtype=torch.float64).reshape(-1, K)
+        # The solution and the errors are invariant to the inputs' scale (the ridge is
+        # relative): normalize so that X^T X can't overflow (activations of 1e20 are finite).
+        X = (X / X.abs().amax().clamp_min(1e-300)).to(dtype)
         train, held = split_calib(X)
         sidx = ss1_hash.sketch_index(K, N, compression, seed, block_k, block_n).to(W.device)
         P = _data_aware(W, P, train, sidx, block_n, ridge)

@@ -63,7 +63,8 @@ class Selection:
 
 
 def select(layers: Sequence[Sequence[Option]], *, params: Optional[float] = None,
-           flops: Optional[float] = None, max_error: Optional[float] = None) -> Selection:
+           flops: Optional[float] = None, max_error: Optional[float] = None,
+           force: Optional[bool] = None) -> Selection:
     """Choose one option per layer.
 
     With a budget (``params`` / ``flops``: fractions of the dense totals over all layers), the
@@ -75,7 +76,8 @@ def select(layers: Sequence[Sequence[Option]], *, params: Optional[float] = None
     No budget, only ``max_error``: compress as far as ``max_error`` allows (per layer, the
     allowed option with the fewest parameters; ties go to the lower error).
 
-    Raises ``ValueError`` if a budget can't be met with the allowed options.
+    Raises ``ValueError`` if a budget can't be met with the allowed options. ``force``: only
+    words that message (whether the caller already offered the layers predicted slower).
     """
     from scipy.optimize import Bounds, LinearConstraint, milp  # here: not on `import structfx`
     from scipy.sparse import csr_array
@@ -114,8 +116,14 @@ def select(layers: Sequence[Sequence[Option]], *, params: Optional[float] = None
                        for opts, ks in zip(layers, allowed))
         if smallest > limit:
             stuck = sum(len(opts) == 1 for opts in layers)
-            why = (f" {stuck} of {len(layers)} layers have no structured option (none "
-                   f"predicted faster than dense: force=True replaces them anyway);"
+            if force:
+                none = "none saves parameters with this grid, even with force=True"
+            elif force is None:
+                none = ("none predicted faster than dense, or none saves parameters; "
+                        "force=True also offers the slower ones")
+            else:
+                none = "none predicted faster than dense: force=True replaces them anyway"
+            why = (f" {stuck} of {len(layers)} layers have no structured option ({none});"
                    if stuck else "")
             raise ValueError(
                 f"the {name} budget ({frac:g} of dense) can't be met: the smallest allowed "

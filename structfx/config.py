@@ -2,10 +2,52 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 STRUCTURES = ("blast", "ss1", "lowrank", "auto")
+ON_STALE = ("refactorize", "raise")
+
+
+def _bad(field: str, expected: str, value) -> None:
+    raise ValueError(f"Config.{field} must be {expected}, got {value!r}")
+
+
+def _integer(v) -> bool:
+    """An int (numpy ints too), never a bool or a float."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _real(v) -> bool:
+    """A finite real number, never a bool or a string."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_device(device) -> None:
+    import torch
+
+    if isinstance(device, torch.device):
+        return
+    if not isinstance(device, str) or not device:
+        _bad("device", "a device name ('cpu', 'cuda', 'h100', ...) or None", device)
+    from .passes import cost_model
+
+    match = getattr(cost_model, "_match_table", None)
+    if match is not None and match(device) is not None:
+        return
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        _bad("device", f"'cpu', 'cuda[:i]' or a device-table name "
+             f"{sorted(getattr(cost_model, 'DEVICE_TABLE', {}))}", device)
+
+
+def _sequence(v) -> bool:
+    return isinstance(v, (tuple, list, range)) or (
+        isinstance(v, Sequence) and not isinstance(v, (str, bytes)))
 
 
 @dataclass(frozen=True)
@@ -50,23 +92,56 @@ class Config:
     progress: bool = True                 # tqdm bar while factorizing
 
     def __post_init__(self):
-        if self.structure not in STRUCTURES:
-            raise ValueError(f"Config.structure must be one of {STRUCTURES}, got {self.structure!r}")
+        """Check every field's type and range; a bad value is a ValueError naming the field."""
+        if not isinstance(self.structure, str) or self.structure not in STRUCTURES:
+            _bad("structure", f"one of {STRUCTURES}", self.structure)
         for name in ("params", "flops"):
             v = getattr(self, name)
-            if v is not None and not (0 < v <= 1):
-                raise ValueError(f"Config.{name} must be a fraction in (0, 1], got {v!r}")
-        if self.max_error is not None and self.max_error <= 0:
-            raise ValueError(f"Config.max_error must be > 0, got {self.max_error!r}")
-        if self.on_stale not in ("refactorize", "raise"):
-            raise ValueError(f"Config.on_stale must be 'refactorize' or 'raise', got {self.on_stale!r}")
-        if any(b < 1 for b in self.blocks) or any(c < 1 for c in self.compressions):
-            raise ValueError("Config.blocks and Config.compressions must be >= 1")
-        for name in ("include", "exclude", "blocks", "compressions", "rank_fractions"):
+            if v is not None and not (_real(v) and 0 < v <= 1):
+                _bad(name, "a fraction in (0, 1] or None", v)
+        if self.max_error is not None and not (_real(self.max_error) and self.max_error > 0):
+            _bad("max_error", "a finite number > 0 or None", self.max_error)
+        if self.params is None and self.flops is None and self.max_error is None:
+            raise ValueError("Config.params, Config.flops and Config.max_error are all None: "
+                             "give a budget (params=, flops= or max_error=)")
+        for name in ("include", "exclude"):
             v = getattr(self, name)
-            if isinstance(v, str):
-                v = (v,)
+            v = (v,) if isinstance(v, str) else v
+            if not _sequence(v) or not all(isinstance(g, str) for g in v):
+                _bad(name, "a glob string or a sequence of glob strings", getattr(self, name))
             object.__setattr__(self, name, tuple(v))
+        for name, low in (("min_params", 0), ("steps", 0), ("estimate_steps", 0)):
+            v = getattr(self, name)
+            if not (_integer(v) and v >= low):
+                _bad(name, f"an integer >= {low}", v)
+            object.__setattr__(self, name, int(v))
+        if not _integer(self.seed):
+            _bad("seed", "an integer", self.seed)
+        object.__setattr__(self, "seed", int(self.seed))
+        # The grids are sequences: ``blocks=2`` is refused rather than guessed at (it reads
+        # like BlastLinear's ``blocks=2``, but here it is the list of block counts to try).
+        for name in ("blocks", "compressions"):
+            v = getattr(self, name)
+            if not _sequence(v) or not v or not all(_integer(b) and b >= 1 for b in v):
+                _bad(name, "a non-empty sequence of integers >= 1 (the grid tried, e.g. (2, 4))",
+                     v)
+            object.__setattr__(self, name, tuple(int(b) for b in v))
+        v = self.rank_fractions
+        if not _sequence(v) or not v or not all(_real(f) and 0 < f <= 1 for f in v):
+            _bad("rank_fractions", "a non-empty sequence of fractions in (0, 1] (the grid "
+                 "tried, e.g. (0.25, 0.5))", v)
+        object.__setattr__(self, "rank_fractions", tuple(float(f) for f in v))
+        for name in ("force", "measure", "strict", "report", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                _bad(name, "True or False", getattr(self, name))
+        if self.device is not None:
+            _check_device(self.device)
+        if self.cache_dir is not None:
+            if not isinstance(self.cache_dir, (str, os.PathLike)) or not os.fspath(self.cache_dir):
+                _bad("cache_dir", "a directory path (str or os.PathLike) or None", self.cache_dir)
+            object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
+        if not isinstance(self.on_stale, str) or self.on_stale not in ON_STALE:
+            _bad("on_stale", f"one of {ON_STALE}", self.on_stale)
 
     @classmethod
     def from_options(cls, options: Optional[dict]) -> "Config":

@@ -35,6 +35,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from .layers import BlastLinear, SS1Linear
+from .passes.checks import calibration_problem
 from .passes.factorize_blast import HOLDOUT_EVERY  # the same hold-out rows as factorize
 
 STRUCTURED = (BlastLinear, SS1Linear)
@@ -252,7 +253,7 @@ class _RelativeAdam:
         self.opt.zero_grad(set_to_none=True)
 
 
-def _fit(layer: nn.Module, stats: _Stats, steps: int, lr: float) -> None:
+def _fit(layer: nn.Module, stats: _Stats, steps: int, lr: float, name: str = "") -> None:
     """Adam on ``layer``'s parameters, full batch on the virtual rows; step sizes relative to
     each parameter's RMS (factors from ``compress`` differ in scale by orders of magnitude),
     cosine decay to 0. The best iterate is kept."""
@@ -271,6 +272,9 @@ def _fit(layer: nn.Module, stats: _Stats, steps: int, lr: float) -> None:
             if t == steps or not math.isfinite(value):
                 break
             opt.step(loss, t)
+    if best is None:
+        raise ValueError(f"distill: layer {name!r}: the fit loss is not finite from the "
+                         f"first step (its inputs or targets overflow {dtype})")
     with torch.no_grad():
         for p, b in zip(params, best):
             p.copy_(b)
@@ -307,7 +311,7 @@ def _record(compressed: nn.Module, teacher: nn.Module, group: list[str],
         if mode != "student":
             handles += [t_mods[n].register_forward_hook(teacher_hook(n)) for n in group]
         with torch.no_grad():
-            for args in batches:
+            for i, args in enumerate(batches):
                 captured.clear()
                 if mode != "teacher":
                     _run_until_stop(compressed, args)
@@ -331,6 +335,8 @@ def _record(compressed: nn.Module, teacher: nn.Module, group: list[str],
                     else:
                         y = captured["y_teacher"][n]
                     _check_pair(n, layer, x, y)
+                    _check_rows(n, i, "its inputs", x)
+                    _check_rows(n, i, "its target outputs", y)
                     if mode == "correct" and x.shape[:-1] != y.shape[:-1]:
                         raise ValueError(f"distill: layer {n!r} sees inputs of shape "
                                          f"{tuple(x.shape)} in the compressed model but the "
@@ -362,6 +368,59 @@ def _check_pair(name: str, layer: nn.Module, x, y) -> None:
                          f"module maps {shape(x)} -> {shape(y)}: the models don't match")
 
 
+def _check_rows(name: str, batch: int, what: str, t: torch.Tensor) -> None:
+    """The statistics are fp64 but the fit runs in the layer's dtype (fp32): refuse rows that
+    are not finite or whose Gram overflows it, naming the layer and the batch."""
+    problem = calibration_problem(t, torch.float32)
+    if problem is not None:
+        problem = problem.replace("calibration inputs", what, 1)
+        raise ValueError(f"distill: layer {name!r}, calibration batch {batch}: {problem}")
+
+
+def _static(d):
+    """A captured dim: its size if fixed (a plain int or a constant SymInt), else ``"*"``."""
+    if isinstance(d, torch.SymInt):
+        value = d.node.maybe_as_int()
+        return "*" if value is None else int(value)
+    return int(d)
+
+
+def _check_batches(compressed: nn.Module, batches: list, what: str) -> None:
+    """Each batch against the input shapes ``compressed`` was captured for (an exported
+    graph's placeholders: the number of dims, and every dim that is not dynamic), so that a
+    1-D batch or one of the wrong width is an error naming the batch rather than an
+    ``IndexError`` or a bare matmul shape error deep in the graph. Modules without that
+    information (not a ``compress`` result, or inputs it can't flatten) are not checked."""
+    if not isinstance(compressed, fx.GraphModule):
+        return
+    expected = [n.meta.get("val") for n in compressed.graph.nodes if n.op == "placeholder"]
+    process = getattr(compressed.graph._codegen, "process_inputs", None)
+    if process is None or not all(isinstance(v, torch.Tensor) for v in expected):
+        return
+    for i, args in enumerate(batches):
+        try:
+            flat = list(process(*args))
+        except Exception:  # a pytree the spec doesn't describe: leave it to the model
+            continue
+        if len(flat) != len(expected):
+            continue
+        for k, (got, want) in enumerate(zip(flat, expected)):
+            where = f"distill: {what} batch {i}" + (f", input {k}" if len(flat) > 1 else "")
+            if not isinstance(got, torch.Tensor):
+                raise ValueError(f"{where}: expected a tensor, got {type(got).__name__}")
+            dims = [_static(d) for d in want.shape]
+            shown = "(" + ", ".join(map(str, dims)) + ")"
+            if got.dim() != len(dims) or any(d != "*" and d != g for d, g in
+                                             zip(dims, got.shape)):
+                raise ValueError(
+                    f"{where} has shape {tuple(got.shape)}, but the compressed model was "
+                    f"captured for inputs of shape {shown} (* = any size): give batches "
+                    f"shaped like compress()'s example inputs")
+            if got.dtype != want.dtype and (got.is_floating_point() != want.is_floating_point()):
+                raise ValueError(f"{where} has dtype {got.dtype}, but the compressed model "
+                                 f"was captured for {want.dtype}")
+
+
 # ----------------------------------------------------------------------------- whole model
 def _float_leaves(out) -> list[torch.Tensor]:
     leaves = torch.utils._pytree.tree_leaves(out.to_tuple() if hasattr(out, "to_tuple") else out)
@@ -381,9 +440,18 @@ def _model_error(student: nn.Module, teacher_outs: list[list[torch.Tensor]],
     return math.sqrt(num / den) if den > 0 else None
 
 
-def _teacher_outputs(teacher: nn.Module, batches: list[tuple]) -> list[list[torch.Tensor]]:
+def _teacher_outputs(teacher: nn.Module, batches: list[tuple], what: str = "calib_inputs"
+                     ) -> list[list[torch.Tensor]]:
+    out = []
     with torch.no_grad():
-        return [[t.detach() for t in _float_leaves(teacher(*args))] for args in batches]
+        for i, args in enumerate(batches):
+            try:
+                y = teacher(*args)
+            except Exception as e:  # name the batch: the traceback alone points into the model
+                raise ValueError(f"distill: the teacher fails on {what} batch {i} "
+                                 f"({type(e).__name__}: {e})") from e
+            out.append([t.detach() for t in _float_leaves(y)])
+    return out
 
 
 def _structured_params(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -503,6 +571,9 @@ def distill(compressed: nn.Module, teacher: nn.Module, calib_inputs: Iterable, *
     if not batches:
         raise ValueError("distill: calib_inputs is empty; give at least one batch")
     evals = [_as_args(b) for b in eval_inputs] if eval_inputs is not None else None
+    _check_batches(compressed, batches, "calib_inputs")
+    if evals:
+        _check_batches(compressed, evals, "eval_inputs")
     paths = {n: _teacher_path(n, teacher) for n in layers}
     if teacher.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in teacher.modules()):
         warnings.warn("distill: the teacher is in training mode (dropout active), so its "
@@ -510,7 +581,7 @@ def distill(compressed: nn.Module, teacher: nn.Module, calib_inputs: Iterable, *
 
     result = DistillResult(mode=mode)
     targets = _teacher_outputs(teacher, batches)
-    eval_targets = _teacher_outputs(teacher, evals) if evals else None
+    eval_targets = _teacher_outputs(teacher, evals, "eval_inputs") if evals else None
     t_eval = time.perf_counter()
     result.model_error_before = _model_error(compressed, targets, batches)
     if evals:
@@ -530,7 +601,7 @@ def distill(compressed: nn.Module, teacher: nn.Module, calib_inputs: Iterable, *
             after = before
             if steps:
                 saved = [p.detach().clone() for p in layer.parameters()]
-                _fit(layer, s, steps, lr)
+                _fit(layer, s, steps, lr, n)
                 after = _held_error(layer, s)
                 if after > before:  # fit rows improved, held-out rows didn't: keep the start
                     with torch.no_grad():

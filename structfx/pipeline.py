@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .report import LayerDecision, Report
-from .passes import rewrite
+from .passes import checks, rewrite
 from .passes.cost_model import Candidate, CostModel, device_profile
 from .passes.estimate import Estimate, estimate_candidates
 from .passes.factorize import Factorized, build_layer, layer_seed
@@ -128,6 +128,8 @@ def run(gm: fx.GraphModule, sites: list[LinearSite], config: Config, *,
     rows: dict[str, torch.Tensor] = {}
     if decisions is None:
         rows = record_inputs(gm, active, batches) if (batches and calibrated) else {}
+        for name, x in rows.items():     # broken calibration data is the caller's error
+            checks.check_calibration(name, x)
         decisions = _decide(active, dense, model, config, store, rows if calibrated else {},
                             reasons, dist)
     chosen = [d for d in decisions.values() if d.replaced]
@@ -230,7 +232,7 @@ def _decide(active, dense, model: CostModel, config: Config, store: FactorStore,
                     for k, (c, e) in enumerate(zip(cands, ests))]
                    for _, cands, ests, _ in priced]
         sel = select(options, params=config.params, flops=config.flops,
-                     max_error=config.max_error)
+                     max_error=config.max_error, force=config.force)
         for (s, cands, ests, why), k in zip(priced, sel.choice):
             reason = why or (None if k else "kept dense by the budget")
             out[s.name] = Decision(s, cands[0], cands[k], ests[k] if k else None, reason)
@@ -304,6 +306,7 @@ def apply(graph: fx.Graph, decisions: list[Decision], layers: dict[str, Factoriz
     for d in decisions:
         if d.replaced:
             node, dead = rewrite.replace_node(graph, d.site, d.site.name)
+            rewrite.inherit_requires_grad(layers[d.site.name].layer, d.site.weight, d.site.bias)
             new_nodes.append((d.site.name, node))
             freed += dead
     rewrite.drop_unused_attrs(graph, root, freed)
