@@ -1,4 +1,4 @@
-"""``python -m structfx.bench ops|onnx``: time structured layers against dense ones.
+"""``python -m structfx.bench ops|onnx|gpu``: time structured layers against dense ones.
 
 ``ops``: the structured ops against dense ``F.linear``.
 
@@ -468,6 +468,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="1 layer, hidden 128, batch 2, seq 16: runs in seconds")
     p.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
     p.set_defaults(func=onnx_bench)
+
+    from structfx import bench_gpu  # the GPU proof in one run (structfx/bench_gpu.py)
+    p = sub.add_parser("gpu", help="check, tune and time everything on CUDA in one run")
+    bench_gpu.add_arguments(p)
+    p.set_defaults(func=bench_gpu.main)
     return parser
 
 
