@@ -39,7 +39,7 @@ this order (each step in its own ``try``: a failure is recorded and the run goes
 It writes ``DIR/bench-gpu.md`` (tables, the exact command, the date), ``DIR/bench-gpu.json``
 (every number) and ``DIR/log.txt`` (everything printed, the children's output too), rewritten
 after every step so a run killed from outside still leaves its report, and prints a short
-summary table last.
+summary table last. Exit status 1 if a step failed (after the report is written).
 
 Budget: each step gets a share of what is left (``SHARES``; time a step does not use goes to
 the later ones). A step whose share is below its minimum is skipped and says so; the loops
@@ -340,12 +340,13 @@ class Step:
     @contextlib.contextmanager
     def case(self, label: str):
         """One checked case: an exception is recorded with the label (shape, dtype, T) and
-        the step goes on. With --inject-failure on this step, the first case raises."""
+        the step goes on. With --inject-failure on this step, the first case raises (after
+        its body, as a failing check would)."""
         try:
+            yield
             if self.inject:
                 self.inject = False
                 raise RuntimeError("injected failure (--inject-failure)")
-            yield
         except HardTimeout:
             raise
         except Exception as e:  # noqa: BLE001  (any failure: record it with its case)
@@ -459,14 +460,14 @@ def need(run: Run, *names: str) -> SimpleNamespace:
     return run.k
 
 
-def autotuners() -> list:
+def autotuners(modules=KERNEL_MODULES) -> list:
     """The ``triton.autotune`` objects of the kernel modules (found by type, not by name)."""
     try:
         from triton.runtime.autotuner import Autotuner
     except Exception:  # noqa: BLE001
         return []
     out = []
-    for name in KERNEL_MODULES:
+    for name in modules:
         mod = sys.modules.get(name)
         if mod is not None:
             out += [v for v in vars(mod).values() if isinstance(v, Autotuner)]
@@ -474,39 +475,38 @@ def autotuners() -> list:
 
 
 @contextlib.contextmanager
-def quick_autotune(run: Run, st: Step):
-    """Correctness steps check values, not speed: shorten the autotuner's benchmark of each
-    config (warmup 1 ms, 5 ms of repeats) so every (shape, T, dtype) key tunes in well under a
-    second. Restored afterwards; ``ops-table`` clears the tuned choices and tunes for real."""
-    if run.dry:
-        yield
-        return
-    import triton.testing
+def pinned_configs(pick: Callable[[list], list] = lambda configs: configs[:1],
+                   modules=KERNEL_MODULES):
+    """Pin every autotuner to ``pick(its configs)`` (default: the first) and clear its tuned
+    choices; restored (and cleared again) on exit.
 
-    def fast(fn, quantiles=None, **_):
-        return triton.testing.do_bench(fn, warmup=1, rep=5, quantiles=quantiles)
-
-    saved = []
-    for tuner in autotuners():
-        before = dict(vars(tuner))
-        try:
-            tuner.do_bench = fast              # a cached_property or plain attribute
-        except AttributeError:
-            tuner._do_bench = fast             # a property over _do_bench (newer triton)
-        saved.append((tuner, before))
-    if saved and getattr(saved[0][0], "do_bench", None) is not fast:
-        st.log("could not shorten the autotuner's benchmarking on this triton; full length",
-               echo=True)
+    The correctness steps check values, not speed: with the full autotune every new key
+    (token bucket x shape x dtype) would compile and benchmark every config, minutes of
+    compiling on a fresh machine. Pinned, each kernel compiles about once per dtype and
+    specialization; ``sweep_configs`` then runs each config once, and ``ops-table`` tunes for
+    real and re-checks the outputs of the configs it picked."""
+    saved = [(t, t.configs) for t in autotuners(modules)]
     try:
-        yield
-    finally:
-        for tuner, before in saved:
-            for attr in ("do_bench", "_do_bench"):
-                if attr in before:
-                    vars(tuner)[attr] = before[attr]
-                else:
-                    vars(tuner).pop(attr, None)
+        for tuner, configs in saved:
+            tuner.configs = pick(list(configs))
             tuner.cache.clear()
+        yield len(saved)
+    finally:
+        for tuner, configs in saved:
+            tuner.configs = configs
+            tuner.cache.clear()
+
+
+def sweep_configs(st: Step, what: str, module: str, check: Callable[[int], None]) -> None:
+    """Run ``check`` once per autotune config index (config i of every kernel of ``module``,
+    cycled), so every config of every kernel computes at least once against the reference."""
+    n = max((len(t.configs) for t in autotuners((module,))), default=1)
+    for i in range(n):
+        if st.budget_skip():
+            continue
+        with pinned_configs(lambda configs, i=i: [configs[i % len(configs)]], (module,)):
+            with st.case(f"{what} config #{i}"):
+                check(i)
 
 
 def cases_for(run: Run, *axes):
@@ -534,6 +534,8 @@ def step_env(run: Run, st: Step) -> None:
         info["onnxruntime providers"] = ", ".join(ort.get_available_providers())
     except Exception as e:  # noqa: BLE001
         info["onnxruntime providers"] = f"n/a ({type(e).__name__})"
+    import structfx
+    info["structfx from"] = str(Path(structfx.__file__).parent)
     repo = Path(__file__).resolve().parents[1]
     try:
         info["structfx commit"] = subprocess.run(
@@ -644,57 +646,71 @@ def _blast_z_ref(x, V):
     return torch.einsum("tjq,jqr->jtr", xp.view(x.shape[0], b2, q), V.double())
 
 
+def blast_case(run: Run, st: Step, dtype, shape, T: int, bias: bool, tag: str = "") -> None:
+    """Every BLAST kernel on one problem: stage 1, fused mix + U-GEMM, mix, the forward and the
+    backward launchers, each against fp64, outputs poisoned."""
+    k = run.k
+    n, m, (b1, b2), r = shape
+    label = (f"n={n} m={m} b={b1}x{b2} r={r} {_dt(dtype)} T={T}" + (" bias" if bias else "")
+             + tag)
+    x, U, S, V, bb = blast_inputs(run, T, n, m, b1, b2, r, dtype, bias)
+    x64, U64, S64, V64 = (t.double() for t in (x, U, S, V))
+    b64 = bb.double() if bias else None
+    z_ref = _blast_z_ref(x, V)
+    with st.case(f"{label} stage1"), poisoned_outputs() as cnt:
+        z = k.blast_stage1(x, V, dtype)
+        _require_poisoned(st, f"{label} stage1", cnt)
+        st.compare(label, "stage1 z", z, z_ref, dtype)
+    # mix + U-GEMM from a given z (in the compute dtype), against fp64 from that z
+    zq = z_ref.to(dtype)
+    w_ref = torch.einsum("ijr,jtr->itr", S64, zq.double())
+    y_ref = torch.einsum("itr,ipr->tip", w_ref, U64).reshape(T, -1)[:, :m]
+    if bias:
+        y_ref = y_ref + b64
+    with st.case(f"{label} mix_gemm"), poisoned_outputs() as cnt:
+        y = k.blast_mix_gemm(zq, S, U, bb, m, dtype)
+        _require_poisoned(st, f"{label} mix_gemm", cnt)
+        st.compare(label, "fused mix+U-GEMM", y, y_ref, dtype)
+    with st.case(f"{label} mix"), poisoned_outputs() as cnt:
+        w = k.blast_mix(zq, S)
+        _require_poisoned(st, f"{label} mix", cnt)
+        st.compare(label, "mix", w, w_ref, dtype)
+    # the launchers, end to end
+    leaves = [x64.requires_grad_(), U64.requires_grad_(), S64.requires_grad_(),
+              V64.requires_grad_()] + ([b64.requires_grad_()] if bias else [])
+    y64 = k.blast_reference(x64, U64, S64, V64, b64, m)
+    with st.case(f"{label} forward"), poisoned_outputs() as cnt:
+        y = k.blast_forward(x, U, S, V, bb, m)
+        _require_poisoned(st, f"{label} forward", cnt)
+        st.compare(label, "forward", y, y64, dtype)
+    dy = run.randn(T, m, g=run.gen(), dtype=dtype)
+    grads = torch.autograd.grad(y64, leaves, dy.double())
+    with st.case(f"{label} backward"), poisoned_outputs() as cnt:
+        out = k.blast_backward(dy, x, U, S, V, bb, m, (True,) * 5)
+        _require_poisoned(st, f"{label} backward", cnt)
+        for name, got, ref in zip(("dx", "dU", "dS", "dV", "dbias"), out, grads):
+            st.compare(label, f"backward {name}", got, ref, dtype)
+    _sync(run)
+
+
+def _sync(run: Run) -> None:
+    if not run.dry and torch.cuda.is_available():
+        torch.cuda.synchronize()  # an asynchronous fault shows at its own case
+
+
 def step_blast_kernels(run: Run, st: Step) -> None:
-    k = need(run, "blast_stage1", "blast_mix_gemm", "blast_mix", "blast_forward",
-             "blast_backward", "blast_reference")
+    need(run, "blast_stage1", "blast_mix_gemm", "blast_mix", "blast_forward", "blast_backward",
+         "blast_reference")
     grid = cases_for(run, list(DTYPES.values()), run.sizes.blast, run.sizes.tokens,
                      [False, True])
-    with quick_autotune(run, st):
-        for dtype, (n, m, (b1, b2), r), T, bias in grid:
-            if st.budget_skip():
-                continue
-            label = f"n={n} m={m} b={b1}x{b2} r={r} {_dt(dtype)} T={T}" + (" bias" if bias else "")
-            x, U, S, V, bb = blast_inputs(run, T, n, m, b1, b2, r, dtype, bias)
-            x64, U64, S64, V64 = (t.double() for t in (x, U, S, V))
-            b64 = bb.double() if bias else None
-            z_ref = _blast_z_ref(x, V)
-            with st.case(f"{label} stage1"), poisoned_outputs() as cnt:
-                z = k.blast_stage1(x, V, dtype)
-                _require_poisoned(st, f"{label} stage1", cnt)
-                st.compare(label, "stage1 z", z, z_ref, dtype)
-            # mix + U-GEMM from a given z (in the compute dtype), against fp64 from that z
-            zq = z_ref.to(dtype)
-            w_ref = torch.einsum("ijr,jtr->itr", S64, zq.double())
-            y_ref = torch.einsum("itr,ipr->tip", w_ref, U64).reshape(T, -1)[:, :m]
-            if bias:
-                y_ref = y_ref + b64
-            with st.case(f"{label} mix_gemm"), poisoned_outputs() as cnt:
-                y = k.blast_mix_gemm(zq, S, U, bb, m, dtype)
-                _require_poisoned(st, f"{label} mix_gemm", cnt)
-                st.compare(label, "fused mix+U-GEMM", y, y_ref, dtype)
-            with st.case(f"{label} mix"), poisoned_outputs() as cnt:
-                w = k.blast_mix(zq, S)
-                _require_poisoned(st, f"{label} mix", cnt)
-                st.compare(label, "mix", w, w_ref, dtype)
-            # the launchers, end to end
-            x64.requires_grad_(True)
-            leaves = [x64, U64.requires_grad_(), S64.requires_grad_(), V64.requires_grad_()]
-            if bias:
-                leaves.append(b64.requires_grad_())
-            y64 = k.blast_reference(x64, U64, S64, V64, b64, m)
-            with st.case(f"{label} forward"), poisoned_outputs() as cnt:
-                y = k.blast_forward(x, U, S, V, bb, m)
-                _require_poisoned(st, f"{label} forward", cnt)
-                st.compare(label, "forward", y, y64, dtype)
-            dy = run.randn(T, m, g=run.gen(), dtype=dtype)
-            grads = torch.autograd.grad(y64, leaves, dy.double())
-            with st.case(f"{label} backward"), poisoned_outputs() as cnt:
-                out = k.blast_backward(dy, x, U, S, V, bb, m, (True,) * 5)
-                _require_poisoned(st, f"{label} backward", cnt)
-                for name, got, ref in zip(("dx", "dU", "dS", "dV", "dbias"), out, grads):
-                    st.compare(label, f"backward {name}", got, ref, dtype)
-            if not run.dry and torch.cuda.is_available():
-                torch.cuda.synchronize()
+    with pinned_configs():
+        for dtype, shape, T, bias in grid:
+            if not st.budget_skip():
+                blast_case(run, st, dtype, shape, T, bias)
+    # every autotune config once: bf16, the shape that divides nothing, two token tiles+
+    sweep_configs(st, "BLAST", KERNEL_MODULES[0], lambda i: blast_case(
+        run, st, torch.bfloat16, run.sizes.blast[1], run.sizes.tokens[-2], True,
+        f" config #{i}"))
 
 
 # ----------------------------------------------------------------------------- step: SS1
@@ -709,39 +725,46 @@ def ss1_inputs(run: Run, T, K, N, c, bk, dtype, bias: bool):
     return x, P, bb, seed
 
 
+def ss1_case(run: Run, st: Step, dtype, shape, T: int, bias: bool, tag: str = "") -> None:
+    """The SS1 forward, dx and dP kernels on one problem against fp64, outputs poisoned."""
+    k = run.k
+    K, N, c, bk, bn = shape
+    label = (f"K={K} N={N} c={c} block_k={bk} block_n={bn} {_dt(dtype)} T={T}"
+             + (" bias" if bias else "") + tag)
+    x, P, bb, seed = ss1_inputs(run, T, K, N, c, bk, dtype, bias)
+    coeffs = k.ss1_coeffs(seed)
+    x64 = x.double().requires_grad_()
+    P64 = P.double().requires_grad_()
+    b64 = bb.double() if bias else None
+    y64 = k.ss1_reference(x64, P64, b64, c, seed, bk, bn)
+    with st.case(f"{label} forward"), poisoned_outputs() as cnt:
+        y = k.ss1_forward(x, P, bb, c, coeffs, bk, bn)
+        _require_poisoned(st, f"{label} forward", cnt)
+        st.compare(label, "forward", y, y64, dtype)
+    dy = run.randn(T, N, g=run.gen(), dtype=dtype)
+    dx64, dP64 = torch.autograd.grad(y64, [x64, P64], dy.double())
+    with st.case(f"{label} dx"), poisoned_outputs() as cnt:
+        dx, _, _ = k.ss1_backward(dy, x, P, bb, c, coeffs, bk, bn, (True, False, False))
+        _require_poisoned(st, f"{label} dx", cnt)
+        st.compare(label, "dx", dx, dx64, dtype)
+    with st.case(f"{label} dP"), poisoned_outputs() as cnt:
+        _, dP, _ = k.ss1_backward(dy, x, P, bb, c, coeffs, bk, bn, (False, True, False))
+        _require_poisoned(st, f"{label} dP", cnt)
+        st.compare(label, "dP", dP, dP64, dtype)
+    _sync(run)
+
+
 def step_ss1_kernels(run: Run, st: Step) -> None:
-    k = need(run, "ss1_forward", "ss1_backward", "ss1_reference", "ss1_coeffs",
-             "ss1_reduced_k")
+    need(run, "ss1_forward", "ss1_backward", "ss1_reference", "ss1_coeffs", "ss1_reduced_k")
     grid = cases_for(run, list(DTYPES.values()), run.sizes.ss1, run.sizes.tokens,
                      [False, True])
-    with quick_autotune(run, st):
-        for dtype, (K, N, c, bk, bn), T, bias in grid:
-            if st.budget_skip():
-                continue
-            label = (f"K={K} N={N} c={c} block_k={bk} block_n={bn} {_dt(dtype)} T={T}"
-                     + (" bias" if bias else ""))
-            x, P, bb, seed = ss1_inputs(run, T, K, N, c, bk, dtype, bias)
-            coeffs = k.ss1_coeffs(seed)
-            x64 = x.double().requires_grad_()
-            P64 = P.double().requires_grad_()
-            b64 = bb.double() if bias else None
-            y64 = k.ss1_reference(x64, P64, b64, c, seed, bk, bn)
-            with st.case(f"{label} forward"), poisoned_outputs() as cnt:
-                y = k.ss1_forward(x, P, bb, c, coeffs, bk, bn)
-                _require_poisoned(st, f"{label} forward", cnt)
-                st.compare(label, "forward", y, y64, dtype)
-            dy = run.randn(T, N, g=run.gen(), dtype=dtype)
-            dx64, dP64 = torch.autograd.grad(y64, [x64, P64], dy.double())
-            with st.case(f"{label} dx"), poisoned_outputs() as cnt:
-                dx, _, _ = k.ss1_backward(dy, x, P, bb, c, coeffs, bk, bn, (True, False, False))
-                _require_poisoned(st, f"{label} dx", cnt)
-                st.compare(label, "dx", dx, dx64, dtype)
-            with st.case(f"{label} dP"), poisoned_outputs() as cnt:
-                _, dP, _ = k.ss1_backward(dy, x, P, bb, c, coeffs, bk, bn, (False, True, False))
-                _require_poisoned(st, f"{label} dP", cnt)
-                st.compare(label, "dP", dP, dP64, dtype)
-            if not run.dry and torch.cuda.is_available():
-                torch.cuda.synchronize()
+    with pinned_configs():
+        for dtype, shape, T, bias in grid:
+            if not st.budget_skip():
+                ss1_case(run, st, dtype, shape, T, bias)
+    sweep_configs(st, "SS1", KERNEL_MODULES[1], lambda i: ss1_case(
+        run, st, torch.bfloat16, run.sizes.ss1[1], run.sizes.tokens[-2], True,
+        f" config #{i}"))
 
 
 # ----------------------------------------------------------------------------- step: ops
@@ -752,7 +775,7 @@ def step_ops_autograd(run: Run, st: Step) -> None:
     blast_shape, ss1_shape = run.sizes.blast[1], run.sizes.ss1[1]
     lead = [(), (2,)]  # 2-D and 3-D inputs (the ops flatten leading dims)
     grid = cases_for(run, list(DTYPES.values()), run.sizes.ops_tokens, lead, [False, True])
-    with quick_autotune(run, st):
+    with pinned_configs():
         for dtype, T, lead_dims, bias in grid:
             if st.budget_skip(2):
                 continue
@@ -846,8 +869,9 @@ def step_backend_bert(run: Run, st: Step) -> None:
 
     torch._dynamo.reset()
     model = small_bert(seed=0, **run.sizes.bert).to(run.device)
-    opts = dict(params=0.5, min_params=0, force=True, steps=10, estimate_steps=2,
-                blocks=(2, 4), rank_fractions=(0.5,), progress=False, strict=True)
+    opts = dict(params=0.5, min_params=0, force=True, steps=3 if run.dry else 10,
+                estimate_steps=1 if run.dry else 2, blocks=(2,) if run.dry else (2, 4),
+                rank_fractions=(0.5,), progress=False, strict=True)
     label = f"BERT hidden={run.sizes.bert['hidden']} layers={run.sizes.bert['layers']} fp32"
     for shape in [(2, 16)] if run.dry else [(2, 16), (4, 64)]:
         if st.budget_skip():
@@ -874,7 +898,7 @@ def step_backend_bert(run: Run, st: Step) -> None:
                         f"{len(crep.replaced)} layers, compress {len(rep.replaced)}")
             # same factors (the cache): the compiled model computes what compress's module does
             st.compare(f"{label} ids={shape}", "compiled vs compress", y_comp, y_small,
-                       torch.float32 if run.dry else torch.bfloat16)
+                       torch.float32)
             err = rel_err(y_small.double(), y_dense.double())
             if not math.isfinite(err) or err > 1.5:
                 st.fail(f"{label} ids={shape}", f"compressed output error vs dense {err:.3g}")
@@ -896,7 +920,7 @@ def _n_sets(run: Run, bytes_per_set: int) -> int:
 
 
 def step_ops_table(run: Run, st: Step) -> None:
-    k = need(run, "blast_torch", "ss1_reduced_k")
+    k = need(run, "blast_torch", "ss1_reduced_k", "blast_reference", "ss1_reference")
     import torch.nn.functional as F
 
     import structfx  # noqa: F401
@@ -917,8 +941,10 @@ def step_ops_table(run: Run, st: Step) -> None:
         cells.append(cell)
         io = (T * n + T * m) * item
 
-        def timed(name, make, fn, params, flops, extra=None):
-            """Time ``fn`` over rotating sets made by ``make`` (one set: a tuple of args)."""
+        def timed(name, make, fn, params, flops, extra=None, ref=None):
+            """Time ``fn`` over rotating sets made by ``make`` (one set: a tuple of args);
+            with ``ref``, also check ``fn``'s output on the first set (the autotuned config
+            the timing used) against ``ref(*set)`` in fp32."""
             if st.expired():
                 st.r.skipped_cases += 1
                 return
@@ -928,6 +954,9 @@ def step_ops_table(run: Run, st: Step) -> None:
                 first = make(g)
                 sets = [first] + [make(g) for _ in range(_n_sets(run, params * item + io) - 1)]
                 ms = t(_rotating(fn, sets))
+                if ref is not None:
+                    st.compare(label, "output (tuned config)", fn(*first),
+                               ref(*(a.float() for a in first)), dt)
                 entry = dict(ms=ms, params=params, flops=flops, bytes=params * item + io,
                              sets=len(sets), **(extra or {}))
                 cell["methods"][name] = entry
@@ -954,22 +983,24 @@ def step_ops_table(run: Run, st: Step) -> None:
                             run.randn(b, b, r, g=g, dtype=dt),
                             run.randn(b, q, r, g=g, scale=n ** -0.5, dtype=dt))
                 flops = 2 * T * r * (b * q + b * p + b * b)
+                ref = lambda x, U, S, V: k.blast_reference(x, U, S, V, None, m)  # noqa: E731
                 timed(f"BLAST b={b}", make,
                       lambda x, U, S, V: torch.ops.structfx.blast_linear(x, U, S, V, None, m),
-                      r * (b * p + b * q + b * b), flops, dict(rank=r))
+                      r * (b * p + b * q + b * b), flops, dict(rank=r), ref)
                 if b in run.sizes.compiled_ref_blocks and (not run.dry or compiled_done == 0):
                     torch._dynamo.reset()  # a fresh static-shape compile per cell
                     compiled = torch.compile(k.blast_torch, dynamic=False)
                     timed(f"compiled torch BLAST b={b}", make,
                           lambda x, U, S, V, fn=compiled: fn(x, U, S, V, None, m),
-                          r * (b * p + b * q + b * b), flops, dict(rank=r))
+                          r * (b * p + b * q + b * b), flops, dict(rank=r), ref)
                     compiled_done += 1
             for c in run.sizes.table_ss1:
                 K_red = k.ss1_reduced_k(n, c)
                 timed(f"SS1 c={c}", lambda g, K_red=K_red: (
                     x_of(g), run.randn(m, K_red, g=g, scale=n ** -0.5, dtype=dt)),
                     lambda x, P, c=c: torch.ops.structfx.ss1_linear(x, P, None, c, 0, 32, 64),
-                    m * K_red, 2 * T * m * K_red + T * n * -(-m // 64), dict(compression=c))
+                    m * K_red, 2 * T * m * K_red + T * n * -(-m // 64), dict(compression=c),
+                    lambda x, P, c=c: k.ss1_reference(x, P, None, c, 0, 32, 64))
     torch._dynamo.reset()
     if run.dry:
         st.r.note = "CPU timings of tiny problems (dry run): not figures"
@@ -993,7 +1024,8 @@ def llama_child(spec: dict) -> None:
 
     gpu = spec["gpu"]
     device = "cuda" if gpu else "cpu"
-    sizes = llama_gpu.LLAMA_7B if gpu else dict(hidden_size=64, intermediate_size=172,
+    # CPU: tiny, with sizes that SS1 c=2 halves exactly (multiples of c * block_k = 64)
+    sizes = llama_gpu.LLAMA_7B if gpu else dict(hidden_size=128, intermediate_size=384,
                                                  num_attention_heads=2)
     dtype = torch.bfloat16 if gpu else torch.float32
     model = llama_gpu.llama(spec["layers"], sizes).to(device, dtype)
@@ -1001,23 +1033,38 @@ def llama_child(spec: dict) -> None:
     print(json.dumps(dict(event="start", sizes=sizes, dtype=str(dtype), batch=spec["batch"],
                           prompt=spec["prompt"], new_tokens=spec["new_tokens"])), flush=True)
     cfgs = llama_gpu.configs(False)
+    unknown = sorted(set(spec["labels"]) - set(cfgs) - {"dense"})
+    if unknown:
+        raise SystemExit(f"examples/llama_gpu.py configs() has no {unknown}; it has "
+                         f"{sorted(cfgs)} (update the plan in structfx/bench_gpu.py)")
     for mode, labels in spec["plan"]:
         for label in labels:
-            t0 = time.perf_counter()
-            torch._dynamo.reset()
-            structfx.clear_reports()
-            if label == "dense":
-                m = torch.compile(model, mode=mode)
-            else:
-                cfg = cfgs[label].replace(progress=False)
-                m = torch.compile(model, backend=structfx.backend(cfg), mode=mode)
-            llama_gpu.generate(m, prompt, 4)  # compile prefill + decode
-            setup = time.perf_counter() - t0
-            prefill, decode = llama_gpu.measure(m, prompt, spec["new_tokens"])
-            rep = structfx.reports()
-            print(json.dumps(dict(event="result", mode=mode or "default", model=label,
-                                  prefill_tok_s=prefill, decode_tok_s=decode, setup_s=setup,
-                                  replaced=len(rep[0].replaced) if rep else None)), flush=True)
+            try:
+                row = _llama_row(llama_gpu, structfx, model, prompt, cfgs, label, mode,
+                                 spec["new_tokens"])
+            except Exception as e:  # noqa: BLE001  (report it, go on with the next row)
+                row = dict(event="error", mode=mode or "default", model=label,
+                           error=f"{type(e).__name__}: {_first_line(e)}")
+            print(json.dumps(row), flush=True)
+
+
+def _llama_row(llama_gpu, structfx, model, prompt, cfgs, label, mode, new_tokens) -> dict:
+    t0 = time.perf_counter()
+    torch._dynamo.reset()
+    structfx.clear_reports()
+    if label == "dense":
+        m = torch.compile(model, mode=mode)
+    else:  # strict: a graph structfx can't handle is an error here, not a silent dense run
+        cfg = cfgs[label].replace(progress=False, strict=True)
+        m = torch.compile(model, backend=structfx.backend(cfg), mode=mode)
+    llama_gpu.generate(m, prompt, 4)  # compiles prefill and decode
+    setup = time.perf_counter() - t0
+    prefill, decode = llama_gpu.measure(m, prompt, new_tokens)
+    replaced = sorted({d.name for r in structfx.reports() for d in r.replaced})
+    if label != "dense" and not replaced:
+        raise RuntimeError("structfx replaced no layer")
+    return dict(event="result", mode=mode or "default", model=label, prefill_tok_s=prefill,
+                decode_tok_s=decode, setup_s=setup, replaced=len(replaced))
 
 
 def step_llama(run: Run, st: Step) -> None:
@@ -1025,12 +1072,16 @@ def step_llama(run: Run, st: Step) -> None:
     if not path.exists():
         raise StepFailed(f"{path} not found")
     # What matters first: default mode, then CUDA graphs; within each, dense (the base) first.
-    if run.dry:
-        plan = [[None, ["dense", "BLAST b=2"]], ["reduce-overhead", ["dense", "SS1 c=2"]]]
-    else:
-        plan = [[None, ["dense", "BLAST b=2", "SS1 c=2", "BLAST b=4"]],
-                ["reduce-overhead", ["dense", "BLAST b=2", "SS1 c=2", "BLAST b=4"]]]
-    spec = dict(run.sizes.llama, plan=plan)
+    # (The factor cache makes a structure's second mode cheap: nothing is factorized twice.)
+    gpu_plan = [[None, ["dense", "BLAST b=2"]], ["reduce-overhead", ["dense", "BLAST b=2"]],
+                [None, ["SS1 c=2"]], ["reduce-overhead", ["SS1 c=2"]],
+                [None, ["BLAST b=4"]], ["reduce-overhead", ["BLAST b=4"]]]
+    # dry run: SS1 only (BLAST's factorization is minutes on 2 CPU cores); the child checks
+    # that every label of the GPU plan exists before it starts
+    plan = [[None, ["dense", "SS1 c=2"]], ["reduce-overhead", ["dense", "SS1 c=2"]]] \
+        if run.dry else gpu_plan
+    spec = dict(run.sizes.llama, plan=plan,
+                labels=sorted({lb for _, lbs in gpu_plan + plan for lb in lbs}))
     timeout = max(5.0, st.left())
     cmd = [sys.executable, "-m", "structfx.bench_gpu", "llama-child", json.dumps(spec)]
     st.log(f"child: {' '.join(shlex.quote(c) for c in cmd)} (timeout {timeout:.0f} s)")
@@ -1053,6 +1104,8 @@ def step_llama(run: Run, st: Step) -> None:
     for line in out_lines:
         run.log(f"    llama| {line}", echo=False)
     rows = [json.loads(s) for s in out_lines if s.startswith("{") and '"event": "result"' in s]
+    for e in (json.loads(s) for s in out_lines if s.startswith("{") and '"event": "error"' in s):
+        st.fail(f"llama {e['model']} mode={e['mode']}", e["error"])
     start = [json.loads(s) for s in out_lines if s.startswith("{") and '"event": "start"' in s]
     st.r.data.update(rows=rows, setup=start[0] if start else None, plan=plan)
     base = {r["mode"]: r for r in rows if r["model"] == "dense"}
@@ -1061,7 +1114,8 @@ def step_llama(run: Run, st: Step) -> None:
         if b and r["model"] != "dense":
             r["prefill_ratio"] = r["prefill_tok_s"] / b["prefill_tok_s"]
             r["decode_ratio"] = r["decode_tok_s"] / b["decode_tok_s"]
-    planned = sum(len(labels) for _, labels in plan)
+    planned = sum(len(labels) for _, labels in plan) - len(
+        [s for s in out_lines if '"event": "error"' in s])
     if timed_out:
         st.r.skipped_cases += planned - len(rows)
         st.r.note = (f"child stopped at the step's deadline ({timeout:.0f} s): {len(rows)} of "
@@ -1231,6 +1285,8 @@ def main(args) -> dict:
         run.log("")
         run.log(summary_table(run, selected))
         run.log_file.close()
+    if any(r.status == "failed" for r in run.results.values()):
+        raise SystemExit(1)  # after the report: the exit status says a step failed
     return {name: dataclasses.asdict(r) for name, r in run.results.items()}
 
 
