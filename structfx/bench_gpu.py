@@ -1199,7 +1199,7 @@ def run_step(run: Run, name: str, selected: list[str]) -> StepResult:
     share = SHARES[name] / sum(SHARES[s] for s in later)
     allot = max(0.0, run.left()) * share
     run.log(f"== {name}: {TITLES[name]} (up to {allot:.0f} s)")
-    if allot < MIN_S[name] and not run.dry:
+    if allot < MIN_S[name] and name != "env":  # env always runs: the report needs it
         res.status = "skipped"
         res.note = (f"budget: {allot:.0f} s of {run.left():.0f} s left for it, needs ~"
                     f"{MIN_S[name]} s")

@@ -105,6 +105,17 @@ def test_injected_failure_is_reported_and_the_run_goes_on(tmp_path):
     assert "injected failure" in (tmp_path / "bench-gpu.md").read_text()
 
 
+def test_steps_that_no_longer_fit_the_budget_are_skipped_and_say_so(tmp_path):
+    proc = run_gpu(tmp_path, "--budget-s", "2", "--only", "ceilings,ss1-kernels")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = load(tmp_path)["steps"]
+    assert steps["env"]["status"] == "ok"  # env always runs; it outlasts the 2 s budget
+    for name in ("ceilings", "ss1-kernels"):
+        assert steps[name]["status"] == "skipped" and "budget" in steps[name]["note"], name
+        assert not steps[name]["cases"]
+    assert "skipped" in (tmp_path / "bench-gpu.md").read_text()
+
+
 def test_staged_launcher_runs_without_pip(tmp_path):
     """benchmarks/gpu.sh's no-pip fallback: the package layout staged on PYTHONPATH."""
     env = dict(os.environ, TRITON_INTERPRET="1", STRUCTFX_STAGE="1", PYTHON=sys.executable)
