@@ -1,4 +1,4 @@
-"""``python -m structfx.bench gpu --out DIR [--budget-s 540] [--dry-run]``: the GPU proof in one run.
+"""``python -m structfx.bench gpu --out DIR [--budget-s 540] [--dry-run]``: GPU proof in one run.
 
 One command that checks, tunes and times structfx on a CUDA machine within a time budget, in
 this order (each step in its own ``try``: a failure is recorded and the run goes on):
@@ -820,7 +820,7 @@ def step_ops_autograd(run: Run, st: Step) -> None:
                     st.compare(label, f"grad {name}", got, ref, dtype)
 
 
-def step_compile_fullgraph(run: Run, st: Step) -> None:
+def _compile_fullgraph(run: Run, st: Step) -> None:
     k = need(run, "blast_reference", "ss1_reference")
     from structfx import BlastLinear, SS1Linear
 
@@ -863,7 +863,7 @@ def step_compile_fullgraph(run: Run, st: Step) -> None:
     torch._dynamo.reset()
 
 
-def step_backend_bert(run: Run, st: Step) -> None:
+def _backend_bert(run: Run, st: Step) -> None:
     import structfx
     from structfx.__main__ import small_bert
 
@@ -903,6 +903,16 @@ def step_backend_bert(run: Run, st: Step) -> None:
             if not math.isfinite(err) or err > 1.5:
                 st.fail(f"{label} ids={shape}", f"compressed output error vs dense {err:.3g}")
     torch._dynamo.reset()
+
+
+def step_compile_fullgraph(run: Run, st: Step) -> None:
+    with pinned_configs():  # values, not speed (see pinned_configs)
+        _compile_fullgraph(run, st)
+
+
+def step_backend_bert(run: Run, st: Step) -> None:
+    with pinned_configs():
+        _backend_bert(run, st)
 
 
 # ----------------------------------------------------------------------------- step: table
@@ -1195,7 +1205,7 @@ def _alarm(signum, frame):
 def run_step(run: Run, name: str, selected: list[str]) -> StepResult:
     res = StepResult(name)
     run.results[name] = res
-    later = [s for s in selected[selected.index(name):]]
+    later = selected[selected.index(name):]
     share = SHARES[name] / sum(SHARES[s] for s in later)
     allot = max(0.0, run.left()) * share
     run.log(f"== {name}: {TITLES[name]} (up to {allot:.0f} s)")
@@ -1272,12 +1282,16 @@ def main(args) -> dict:
     if "env" not in selected:
         selected = ["env"] + selected
     run = Run(args)
-    run.log(f"structfx GPU benchmark{' (DRY RUN: CPU, TRITON_INTERPRET=1, tiny sizes)' if run.dry else ''}")
+    dry = " (DRY RUN: CPU, TRITON_INTERPRET=1, tiny sizes)" if run.dry else ""
+    run.log(f"structfx GPU benchmark{dry}")
     run.log(f"command: {run.command}")
     run.log(f"date: {run.started:%Y-%m-%d %H:%M} UTC; budget {run.budget:.0f} s; steps: "
             f"{', '.join(selected)}")
     try:
         for name in selected:
+            if not run.dry and not torch.cuda.is_available() and name != "env":
+                run.results[name] = StepResult(name, status="skipped", note="no GPU (env)")
+                continue
             run_step(run, name, selected)
             write_report(run, selected)
     finally:
