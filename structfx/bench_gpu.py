@@ -579,7 +579,7 @@ def step_env(run: Run, st: Step) -> None:
     want = run.dry
     for name in KERNEL_MODULES:
         mod = sys.modules.get(name)
-        mode = getattr(mod, "_INTERPRET", getattr(mod, "INTERPRET", want))  # name differs by version
+        mode = getattr(mod, "_INTERPRET", getattr(mod, "INTERPRET", want))  # either name
         if mod is not None and mode != want:
             missing.append(f"{name} was imported with TRITON_INTERPRET="
                            f"{'1' if not want else '0'} before this run set it; run the "
