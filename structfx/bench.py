@@ -1,4 +1,4 @@
-"""``python -m structfx.bench ops|onnx``: time structured layers against dense ones.
+"""``python -m structfx.bench ops|onnx|gpu``: time structured layers against dense ones.
 
 ``ops``: the structured ops against dense ``F.linear``.
 
@@ -470,9 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
     p.set_defaults(func=onnx_bench)
 
-    from . import bench_compress
+    from . import bench_compress, bench_gpu
 
     bench_compress.add_parser(sub)
+    p = sub.add_parser("gpu", help="check, tune and time everything on CUDA in one run")
+    bench_gpu.add_arguments(p)
+    p.set_defaults(func=bench_gpu.main)
     return parser
 
 
