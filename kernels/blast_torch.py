@@ -1,6 +1,6 @@
 """BLAST product in plain PyTorch, bmm-based: the CPU path of ``structfx::blast_linear``.
 
-Three stages (spec/blast.md): ``z[j] = x[j] @ V[j]`` (one bmm over the b2 block-columns),
+Three stages (docs/design.md, "BLAST"): ``z[j] = x[j] @ V[j]`` (one bmm over the b2 block-columns),
 ``w[i] = sum_j S[i, j] * z[j]`` (diagonal mixing), ``y[i] = w[i] @ U[i].T`` (one bmm over the
 b1 block-rows). The dense weight is never formed. Inputs are 2-D ``(T, n)``; ``ops.py``
 flattens leading dims.

@@ -1,4 +1,4 @@
-"""BLAST Triton kernels (spec/blast.md): ``y = x @ W.T + bias`` without ever forming ``W``.
+"""BLAST Triton kernels (docs/design.md, "BLAST"): ``y = x @ W.T + bias`` without ever forming ``W``.
 
 ``W`` ``(m, n)`` has blocks ``W[i, j] = U[i] diag(S[i, j]) V[j].T`` with ``U (b1, p, r)``,
 ``S (b1, b2, r)``, ``V (b2, q, r)``; ``m <= b1*p`` and ``n <= b2*q`` (the rest is padding).

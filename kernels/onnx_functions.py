@@ -6,8 +6,8 @@ in standard ONNX ops only (MatMul, Mul, ReduceSum, Gather, Reshape, Transpose, S
 Pad, Slice, ...). A runtime that expands model-local functions (onnxruntime does) runs the model
 with no plugin; a runtime with a native kernel for the domain can match the node instead.
 
-    BlastLinear(x, U, S, V, [bias]) <in_features, out_features>          (spec/blast.md)
-    SS1Linear(x, P, [bias]) <compression, block_k, block_n, r0, r1, r2, r3>   (spec/ss1.md)
+    BlastLinear(x, U, S, V, [bias]) <in_features, out_features>          (docs/design.md, "BLAST")
+    SS1Linear(x, P, [bias]) <compression, block_k, block_n, r0, r1, r2, r3>   (docs/design.md, "SS1")
 
 ``x (..., in_features)``; ``bias`` is an optional last input. Overloads (``"b1xb2"``,
 ``"b1xb2_bias"``; SS1's ``""``, ``"bias"``) pick the body for the block grid and the bias.

@@ -6,7 +6,7 @@ defined here, is the bmm / gather PyTorch path (CPU, and any device without a ke
 own); the Triton kernels register themselves for ``"cuda"`` in ``blast_triton.py`` /
 ``ss1_triton.py``, beside the kernels (see ``_register_cuda_stand_ins`` for how they are loaded).
 A plain ``custom_op`` rather than ``triton_op``: on a CPU-only machine a ``triton_op`` breaks
-``torch.compile`` even when a CPU kernel is registered (see notes/pytorch.md).
+``torch.compile`` even when a CPU kernel is registered (see docs/design.md).
 
 Every implementation starts with ``check_blast_args`` / ``check_ss1_args``: the one place the
 arguments are validated; the Triton launchers assume it passed.
@@ -121,7 +121,7 @@ def _autograd_grads(grads: Sequence[Tensor], needs: Sequence[bool]) -> list[Opti
 @torch.library.custom_op("structfx::blast_linear", mutates_args=())
 def blast_linear(x: Tensor, U: Tensor, S: Tensor, V: Tensor, bias: Optional[Tensor],
                  out_features: int) -> Tensor:
-    """``y = x @ W.T + bias`` with ``W`` the BLAST matrix of ``(U, S, V)`` (spec/blast.md)."""
+    """``y = x @ W.T + bias`` with ``W`` the BLAST matrix of ``(U, S, V)`` (docs/design.md, "BLAST")."""
     check_blast_args(x, U, S, V, bias, out_features)
     y = blast_torch.blast_forward_torch(tokens_2d(x), U, S, V, bias, out_features)
     return y.contiguous().reshape(*x.shape[:-1], out_features)

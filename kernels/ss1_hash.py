@@ -1,4 +1,4 @@
-"""The SS1 structured hash (spec/ss1.md): which parameter of ``P`` each entry of ``W`` reads.
+"""The SS1 structured hash (docs/design.md, "SS1"): which parameter of ``P`` each entry of ``W`` reads.
 
 Every SS1 implementation in structfx (reference, CPU path, Triton kernels, ONNX function,
 projection) derives its indices from the functions here, so they agree by construction.

@@ -1,6 +1,6 @@
 """SS1 product in plain PyTorch: the CPU path of ``structfx::ss1_linear``.
 
-Sketch, then a smaller GEMM (spec/ss1.md): one precomputed index tensor gathers, for every
+Sketch, then a smaller GEMM (docs/design.md, "SS1"): one precomputed index tensor gathers, for every
 column block ``j``, the ``c`` rotated chunks of ``x`` that share a parameter row; they are
 summed (the sketch, ``K -> K_red``) and one batched GEMM over column blocks multiplies by ``P``.
 Column blocks are processed in groups so the sketched input stays under ``_MAX_SKETCH`` elements.

@@ -1,4 +1,4 @@
-"""SS1 Triton kernels (spec/ss1.md): sketch-then-GEMM forward, and the dx / dP backward.
+"""SS1 Triton kernels (docs/design.md, "SS1"): sketch-then-GEMM forward, and the dx / dP backward.
 
 All three kernels compute exactly the map of ``ss1_hash`` (``rotation`` semantics):
 

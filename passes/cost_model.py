@@ -12,7 +12,7 @@ their times add; for one kernel this is the plain ``max(flops / peak, bytes / ba
   dimensions (GPU), or that factor of the smallest dimension alone (CPU).
 - ``bytes_k``: weights, activations and every intermediate the op writes and reads back
   (BLAST's ``z``: ``b*r`` values per token; SS1's re-read input): the traffic that makes a
-  structured layer memory bound at large T (notes/performance.md).
+  structured layer memory bound at large T (docs/design.md, "Cost model").
 - ``stream_k``: the fraction of the bandwidth the kernel's access pattern reaches (CPU bmm).
 - ``ops_k * kernel_overhead``: launches (GPU) or eager ops (CPU); at decode they decide.
 - ``call_overhead``: the structfx op's host-side dispatch (CPU; hidden by CUDA graphs on GPU).
@@ -296,7 +296,7 @@ class CostModel:
         z, w = e * T * b2 * r, e * T * b1 * r       # intermediates: b*r values per token each
         if self.profile.kind == "cuda":
             kernels = [
-                # Stage 1 writes z to HBM: the intermediate notes/performance.md warns about.
+                # Stage 1 writes z to HBM: the intermediate docs/design.md, "Cost model" warns about.
                 _Kernel(2 * T * b2 * q * r, x + V + z, self._eff(T, q, r)),
                 # Mix fused into stage 3's prologue: z read back once, w never leaves the chip.
                 # The mix runs on CUDA cores, and every p tile (~128 wide) redoes it.
@@ -427,7 +427,7 @@ class CostModel:
 
 
 def blast_rank(m: int, n: int, blocks: tuple[int, int], fraction: float) -> int:
-    """``r = floor(rho m n / (m + n + b1 b2))``, at least 1 (spec/blast.md)."""
+    """``r = floor(rho m n / (m + n + b1 b2))``, at least 1 (docs/design.md, "BLAST")."""
     return blast_rank_for_params(m, n, blocks, fraction)
 
 

@@ -1,4 +1,4 @@
-"""Dense ``W`` -> BLAST factors ``(U, S, V)`` by preconditioned gradient descent (spec/blast.md).
+"""Dense ``W`` -> BLAST factors ``(U, S, V)`` by preconditioned gradient descent (docs/design.md, "BLAST").
 
 All factor updates are batched over blocks: ``W`` lives as a ``(b1, b2, p, q)`` stack, every
 product is a broadcast ``matmul`` and every ``r x r`` solve one batched Cholesky solve

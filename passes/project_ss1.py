@@ -1,4 +1,4 @@
-"""Dense ``W`` -> SS1 parameters ``P`` (spec/ss1.md), with or without calibration data.
+"""Dense ``W`` -> SS1 parameters ``P`` (docs/design.md, "SS1"), with or without calibration data.
 
 Data-free, the least-squares ``P`` is the mean of the dense entries tied to each parameter.
 With calibration inputs ``X``, each column block ``j`` solves a ridge least-squares problem on

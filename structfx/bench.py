@@ -16,7 +16,7 @@ count ``T``, one process on the current device (CUDA if available, else CPU) tim
 
 ratio = dense time / structured time (> 1: faster than dense). CUDA times are
 ``triton.testing.do_bench`` medians (L2 flushed); CPU times are medians over repeats after a
-warm-up, with a time budget per measurement. See notes/performance.md, "Measuring honestly".
+warm-up, with a time budget per measurement. See docs/design.md, "Cost model", "Measuring honestly".
 
 ``onnx``: a GPT-2-small-sized model (``GPT2Model``, n_embd 768, ``--layers`` blocks, random
 weights, built offline) exported to ONNX dense and compressed (BLAST, ``--params`` of every

@@ -55,7 +55,7 @@ def _adopt(layer: nn.Module, f, bias: Optional[torch.Tensor], **factors: torch.T
 
 
 class BlastLinear(nn.Module):
-    """``y = x @ W.T + bias`` with ``W`` a BLAST matrix (spec/blast.md).
+    """``y = x @ W.T + bias`` with ``W`` a BLAST matrix (docs/design.md, "BLAST").
 
     ``W`` ``(out_features, in_features)`` is cut into ``b1 x b2`` blocks (``blocks`` is ``b`` or
     ``(b1, b2)``); block ``(i, j)`` is ``U[i] @ diag(S[i, j]) @ V[j].T`` with
@@ -140,7 +140,7 @@ class BlastLinear(nn.Module):
 
 class SS1Linear(nn.Module):
     """``y = x @ W + bias`` with ``W`` ``(K, N)`` read from ``P`` ``(N, K_red)`` by the SS1 hash
-    (spec/ss1.md): ``compression`` input rows share each parameter row. ``seed``,
+    (docs/design.md, "SS1"): ``compression`` input rows share each parameter row. ``seed``,
     ``block_k`` and ``block_n`` are part of the layer's definition and saved in its state dict
     (the ``hash_seed`` buffer), so a reloaded layer reads its parameters the same way."""
 
