@@ -45,6 +45,7 @@ class Config:
     measure: bool = False                 # time candidates on the device instead of estimating
     cache_dir: Optional[str] = None       # on-disk factor cache (safetensors)
     on_stale: str = "refactorize"         # weight changed after compiling: "refactorize" | "raise"
+    stale_check: str = "sample"           # how a change is seen: "version" | "sample" | "full"
     strict: bool = False                  # compile backend: raise instead of falling back
     report: bool = False                  # print the report after compiling
     progress: bool = True                 # tqdm bar while factorizing
@@ -60,6 +61,8 @@ class Config:
             raise ValueError(f"Config.max_error must be > 0, got {self.max_error!r}")
         if self.on_stale not in ("refactorize", "raise"):
             raise ValueError(f"Config.on_stale must be 'refactorize' or 'raise', got {self.on_stale!r}")
+        if self.stale_check not in ("version", "sample", "full"):
+            raise ValueError(f"Config.stale_check must be 'version', 'sample' or 'full', got {self.stale_check!r}")
         if any(b < 1 for b in self.blocks) or any(c < 1 for c in self.compressions):
             raise ValueError("Config.blocks and Config.compressions must be >= 1")
         for name in ("include", "exclude", "blocks", "compressions", "rank_fractions"):
