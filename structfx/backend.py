@@ -210,33 +210,62 @@ def _record(gm: fx.GraphModule, sites: list, example_inputs: list) -> dict:
     """The rows each replaced site sees on the example inputs, for the report's output error,
     without side effects on the user's tensors: Dynamo's example inputs *are* the call's real
     inputs and buffers, and the graph may update them in place (``x.add_(1)``, batch-norm
-    running statistics, ``num_batches_tracked``), so every tensor that is not a parameter is
-    copied; parameters are passed as they are (a graph that updates one in place is refused)
-    and the RNG state is restored (dropout)."""
-    inputs = [_concrete(v) for v in example_inputs]
-    inputs = [v.detach().clone() if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter)
-              else v for v in inputs]
-    params = [(i, v, v._version) for i, v in enumerate(inputs) if isinstance(v, nn.Parameter)]
+    running statistics and ``num_batches_tracked``, which ``native_batch_norm`` updates without
+    a trace in its schema or ``_version``), so every tensor that is not a parameter is copied.
+    Parameters are copied only where the graph visibly updates them in place (an in-place
+    method or ``out=`` on the placeholder); the RNG state is restored (dropout)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = []
+    for k, v in enumerate(example_inputs):
+        v = _concrete(v)
+        if isinstance(v, torch.Tensor) and (not isinstance(v, nn.Parameter) or (
+                k < len(placeholders) and _updated_in_place(placeholders[k]))):
+            v = v.detach().clone()
+        inputs.append(v)
+    params = [(k, v, v._version) for k, v in enumerate(inputs) if isinstance(v, nn.Parameter)]
     cuda = sorted({v.device.index or 0 for v in inputs
                    if isinstance(v, torch.Tensor) and v.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):
         rows = pipeline.record_inputs(gm, sites, [inputs])
-    changed = [i for i, v, version in params if v._version != version]
-    if changed:
-        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        raise LeftToInductor(f"the graph updates parameter(s) "
-                             f"{[names[i] for i in changed if i < len(names)]} in place")
+    changed = [placeholders[k].name for k, v, version in params
+               if v._version != version and k < len(placeholders)]
+    if changed:  # not seen in the graph: say so rather than leave it silent
+        raise LeftToInductor(f"the graph updates parameter(s) {changed} in place, and "
+                             f"structfx's recording run on the compile call updated them once "
+                             f"more than eager would have")
     return rows
+
+
+def _updated_in_place(node: fx.Node) -> bool:
+    for user in node.users:
+        name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
+        if user.op in ("call_method", "call_function") and (
+                (isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+                 and user.args and user.args[0] is node) or "out" in user.kwargs):
+            return True
+    return False
 
 
 # ----------------------------------------------------------------------------- staleness
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-SAMPLE = 1024  # elements per watched tensor in stale_check="sample"
+# stale_check="sample": RUNS runs of RUN contiguous elements per tensor, at fixed random
+# places. Runs rather than scattered elements: on CPU a gather from a weight that is not in
+# cache costs a memory access per cache line touched.
+RUNS, RUN = 16, 16
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bit patterns (compared exactly: NaN equals itself, -0.0 differs from 0.0)."""
+    """The tensor's bit patterns, a view (compared exactly: NaN equals itself, -0.0 != 0.0)."""
     return t.detach().view(_INT_OF_SIZE[t.element_size()])
+
+
+def _sample_index(t: torch.Tensor) -> torch.Tensor:
+    n = t.numel()
+    if n <= RUNS * RUN:
+        return torch.arange(n, device=t.device)
+    g = torch.Generator().manual_seed(n)
+    starts = torch.randint(n - RUN + 1, (RUNS,), generator=g)
+    return (starts[:, None] + torch.arange(RUN)).reshape(-1).to(t.device)
 
 
 @dataclasses.dataclass
@@ -247,29 +276,29 @@ class _Watched:
     tensor: torch.Tensor
     version: int
     ptr: int
+    bits: torch.Tensor             # a view of its storage: sees writes through any alias
     sample_at: Optional[torch.Tensor] = None  # flat indices sampled ("sample")
     content: Optional[torch.Tensor] = None    # sampled bits ("sample") / all bits ("full")
 
     @classmethod
     def of(cls, index: int, t: torch.Tensor, mode: str,
            sample_at: Optional[torch.Tensor] = None) -> "_Watched":
-        w = cls(index, t, t._version, t.data_ptr())
+        w = cls(index, t, t._version, t.data_ptr(), _bits(t))
         if mode == "sample":
-            if sample_at is None:
-                g = torch.Generator().manual_seed(t.numel())
-                n = min(t.numel(), SAMPLE)
-                sample_at = torch.randint(t.numel(), (n,), generator=g) if n < t.numel() \
-                    else torch.arange(t.numel())
-                sample_at = sample_at.to(t.device)
-            w.sample_at = sample_at
-            w.content = torch.take(_bits(t), sample_at)
+            w.sample_at = _sample_index(t) if sample_at is None else sample_at
+            w.content = torch.take(w.bits, w.sample_at)
         elif mode == "full":
-            w.content = _bits(t).clone()
+            w.content = w.bits.clone()
         return w
 
     def same_tensor(self, args) -> bool:
         t = args[self.index]
         return t is self.tensor and t._version == self.version and t.data_ptr() == self.ptr
+
+    def same_content(self) -> bool:
+        if self.sample_at is None:
+            return torch.equal(self.bits, self.content)
+        return torch.equal(torch.take(self.bits, self.sample_at), self.content)
 
 
 class StaleWeightGuard:
@@ -280,8 +309,11 @@ class StaleWeightGuard:
       of it (``w.mul_()``, ``w.copy_()``, ``load_state_dict``, an optimizer step: ``_version``),
       new storage (``w.data = new``: the data pointer);
     * ``"sample"`` (default): also a change through ``w.data`` (``w.data.mul_(2)``) or any
-      other alias that touches one of ``SAMPLE`` fixed, randomly spread elements per tensor
-      (bit-exact), at one small gather per tensor and one device sync per call;
+      other alias that touches one of its sampled elements (``RUNS`` runs of ``RUN``
+      contiguous elements at fixed random places; bit-exact): any change of the whole tensor
+      (scaling, EMA, re-init, ``copy_``), most changes of a large part of it (pruning); not a
+      change confined to a few elements (clipping a few outliers, one row); one small gather
+      per tensor and one device sync per call;
     * ``"full"``: every element, bit-exact, against a copy of each watched tensor (memory:
       one extra copy of the replaced weights; time: one read of them per call);
     * ``"version"``: only the first group (no per-call reads at all).
@@ -304,7 +336,8 @@ class StaleWeightGuard:
         with self._lock:
             stale = [e for e in self.entries if not all(w.same_tensor(args) for w in e[2])]
             if self.mode != "version":
-                stale += self._content_changed([e for e in self.entries if e not in stale])
+                seen = {id(e) for e in stale}
+                stale += self._content_changed([e for e in self.entries if id(e) not in seen])
             for entry in stale:
                 self._handle(entry, args)
 
@@ -312,20 +345,17 @@ class StaleWeightGuard:
         if not entries:
             return []
         if self.mode == "full":
-            return [e for e in entries
-                    if not all(torch.equal(_bits(w.tensor), w.content) for w in e[2])]
+            return [e for e in entries if not all(w.same_content() for w in e[2])]
         by_device: dict = {}
         for e in entries:
             for w in e[2]:
-                by_device.setdefault(w.tensor.device, []).append((e, w))
+                by_device.setdefault(w.bits.device, []).append((e, w))
         changed = []
         for pairs in by_device.values():  # one sync per device, none per tensor
-            now = torch.cat([torch.take(_bits(w.tensor), w.sample_at) for _, w in pairs])
+            now = torch.cat([torch.take(w.bits, w.sample_at) for _, w in pairs])
             then = torch.cat([w.content for _, w in pairs])
             if bool((now != then).any()):
-                changed += [e for e, w in pairs
-                            if not torch.equal(torch.take(_bits(w.tensor), w.sample_at),
-                                               w.content)]
+                changed += [e for e, w in pairs if not w.same_content()]
         return list({id(e): e for e in changed}.values())
 
     def _handle(self, entry: list, args) -> None:
