@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 STRUCTURES = ("blast", "ss1", "lowrank", "auto")
+STALE_CHECKS = ("version", "sample", "full")
 ON_STALE = ("refactorize", "raise")
 
 
@@ -87,6 +88,7 @@ class Config:
     measure: bool = False                 # time candidates on the device instead of estimating
     cache_dir: Optional[str] = None       # on-disk factor cache (safetensors)
     on_stale: str = "refactorize"         # weight changed after compiling: "refactorize" | "raise"
+    stale_check: str = "sample"           # how a change is seen: "version" | "sample" | "full"
     strict: bool = False                  # compile backend: raise instead of falling back
     report: bool = False                  # print the report after compiling
     progress: bool = True                 # tqdm bar while factorizing
@@ -142,6 +144,8 @@ class Config:
             object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
         if not isinstance(self.on_stale, str) or self.on_stale not in ON_STALE:
             _bad("on_stale", f"one of {ON_STALE}", self.on_stale)
+        if not isinstance(self.stale_check, str) or self.stale_check not in STALE_CHECKS:
+            _bad("stale_check", f"one of {STALE_CHECKS}", self.stale_check)
 
     @classmethod
     def from_options(cls, options: Optional[dict]) -> "Config":

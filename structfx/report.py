@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -48,6 +49,7 @@ class Report:
     measured_speedup: Optional[float] = None   # whole model, when measured
     model_output_error: Optional[float] = None  # whole model, relative, on the example inputs
     notes: list[str] = field(default_factory=list)
+    fallback: Optional[str] = None  # compile backend: why this graph was left to plain inductor
 
     @property
     def replaced(self) -> list[LayerDecision]:
@@ -71,7 +73,9 @@ class Report:
         lin_kept = sum(d.params for d in self.layers)
         rep_dense = sum(d.dense_params for d in self.replaced)
         rep_kept = sum(d.params for d in self.replaced)
-        lines = [f"linear layers: {len(self.replaced)} of {len(self.layers)} replaced; "
+        lines = [f"graph left to plain inductor (all layers dense): {self.fallback}"] \
+            if self.fallback else []
+        lines += [f"linear layers: {len(self.replaced)} of {len(self.layers)} replaced; "
                  f"weights {lin_kept:,} of {lin_dense:,} ({_pct(lin_kept, lin_dense)}); "
                  f"the replaced layers keep {_pct(rep_kept, rep_dense)} of theirs"]
         if self.model_params_before is not None and self.model_params_after is not None:
@@ -120,6 +124,7 @@ def _pct(a: int, b: int) -> str:
 _LAST: Optional[Report] = None
 _ALL: list[Report] = []
 _KEEP = 256
+_LOCK = threading.Lock()  # compiles / compresses in several threads
 
 
 def last_report() -> Optional[Report]:
@@ -131,17 +136,20 @@ def reports() -> list[Report]:
     """Every report since the last ``clear_reports()`` (oldest first; the last 256 kept). A
     ``torch.compile`` with graph breaks, or a model run at new shapes (prefill, then decode),
     compiles several graphs: one report each."""
-    return list(_ALL)
+    with _LOCK:
+        return list(_ALL)
 
 
 def clear_reports() -> None:
     global _LAST
-    _LAST = None
-    _ALL.clear()
+    with _LOCK:
+        _LAST = None
+        _ALL.clear()
 
 
 def set_last_report(report: Report) -> None:
     global _LAST
-    _LAST = report
-    _ALL.append(report)
-    del _ALL[:-_KEEP]
+    with _LOCK:
+        _LAST = report
+        _ALL.append(report)
+        del _ALL[:-_KEEP]

@@ -136,14 +136,16 @@ def test_no_recompile_or_refactorize_on_second_call_and_dynamic_batch():
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=counting)
     x = torch.randn(4, 128)
-    compiled(x)
-    made = store.factorizations
-    assert made > 0
-    compiled(torch.randn(4, 128))
-    assert len(calls) == 1 and store.factorizations == made
-    for b in (7, 11, 13):  # new batch sizes: at most one dynamic recompile, no factorization
-        y = compiled(torch.randn(b, 128))
-        assert y.shape == (b, 64)
+    with torch.no_grad():  # inference: grad-mode graphs of trainable weights stay dense
+        compiled(x)
+        assert structfx.last_report().replaced
+        made = store.factorizations
+        assert made > 0
+        compiled(torch.randn(4, 128))
+        assert len(calls) == 1 and store.factorizations == made
+        for b in (7, 11, 13):  # new batch sizes: at most one dynamic recompile, no factorization
+            y = compiled(torch.randn(b, 128))
+            assert y.shape == (b, 64)
     assert len(calls) <= 2 and store.factorizations == made
 
 
@@ -154,7 +156,8 @@ def test_tied_weights_skipped_with_reason():
     rows = {d.name: d for d in structfx.last_report().layers}
     assert rows["lm_head"].structure == "dense"
     assert "tied" in rows["lm_head"].skip
-    compile_with(model)(x)
+    with torch.no_grad():
+        compile_with(model)(x)
     rows = {d.name: d for d in structfx.last_report().layers}
     assert "tied" in rows["lm_head"].skip
 
@@ -177,20 +180,20 @@ def test_weight_updated_after_compiling_is_detected(on_stale):
     # cannot depend on the weights, so a fresh compress() is the reference for refactorizing.
     cfg = CFG.replace(on_stale=on_stale, min_params=20000, blocks=(2,), rank_fractions=(0.375,))
     compiled = compile_with(model, cfg)
-    y0 = compiled(x)
     with torch.no_grad():
+        y0 = compiled(x)
         model[0].weight.mul_(2.0)  # in place: no recompile, new _version
-    if on_stale == "raise":
-        with pytest.raises(RuntimeError, match="stale"):
-            compiled(x)
-        return
-    y1 = compiled(x)
-    expected = structfx.compress(model, (x,), cfg)(x)
-    assert len(structfx.last_report().replaced) == 2
-    assert not torch.allclose(y0, y1)
-    assert rel(y1, expected) < 1e-4
-    model.load_state_dict(mlp(seed=1).state_dict())  # copy_ into the same tensors
-    assert rel(compiled(x), structfx.compress(model, (x,), cfg)(x)) < 1e-4
+        if on_stale == "raise":
+            with pytest.raises(RuntimeError, match="stale"):
+                compiled(x)
+            return
+        y1 = compiled(x)
+        expected = structfx.compress(model, (x,), cfg)(x)
+        assert len(structfx.last_report().replaced) == 2
+        assert not torch.allclose(y0, y1)
+        assert rel(y1, expected) < 1e-4
+        model.load_state_dict(mlp(seed=1).state_dict())  # copy_ into the same tensors
+        assert rel(compiled(x), structfx.compress(model, (x,), cfg)(x)) < 1e-4
 
 
 def test_compressed_module_trains_and_state_dict_round_trips():
@@ -218,9 +221,10 @@ def test_backend_is_registered_by_entry_point():
     torch._dynamo.reset()
     model = mlp()
     x = torch.randn(4, 128)
-    y = torch.compile(model, backend="structfx",
-                      options={"params": 0.5, "min_params": 4096, "progress": False,
-                               "force": True, "steps": 20})(x)
+    with torch.no_grad():
+        y = torch.compile(model, backend="structfx",
+                          options={"params": 0.5, "min_params": 4096, "progress": False,
+                                   "force": True, "steps": 20})(x)
     assert y.shape == (4, 64) and structfx.last_report().replaced
 
 
@@ -240,10 +244,10 @@ def test_fallback_warns_and_strict_raises(monkeypatch):
     monkeypatch.setattr(pipeline, "run", boom)
     model = mlp()
     x = torch.randn(4, 128)
-    with pytest.warns(UserWarning, match="planner exploded"):
+    with pytest.warns(UserWarning, match="planner exploded"), torch.no_grad():
         y = compile_with(model)(x)
     assert torch.allclose(y, model(x), atol=1e-5)
-    with pytest.raises(Exception, match="planner exploded"):
+    with pytest.raises(Exception, match="planner exploded"), torch.no_grad():
         compile_with(model, CFG.replace(strict=True))(x)
 
 
@@ -265,7 +269,8 @@ def test_report_table_and_json(capsys, monkeypatch):
     model = mlp()
     x = torch.randn(4, 128)
     monkeypatch.setenv("STRUCTFX_REPORT", "1")
-    compile_with(model)(x)
+    with torch.no_grad():
+        compile_with(model)(x)
     printed = capsys.readouterr().out
     assert "structfx report" in printed and "params kept" in printed
     rep = structfx.last_report()
