@@ -58,7 +58,7 @@ def decision_settings(config) -> str:
 class FactorStore:
     def __init__(self):
         self._lock = threading.RLock()
-        self._hashes: dict[int, tuple] = {}      # id -> (weakref, _version, shape, hash)
+        self._hashes: dict[int, tuple] = {}      # id -> (weakref, probe, shape, hash)
         self.estimates: dict[str, tuple] = {}     # candidate key -> (weight err, output err)
         self.decisions: dict[tuple, object] = {}  # (weight hash, settings) -> Decision record
         self._factors: dict[str, dict] = {}       # factor key -> {name: weakref(Tensor)}, meta
@@ -70,12 +70,12 @@ class FactorStore:
     def weight_hash(self, w: torch.Tensor) -> str:
         with self._lock:
             seen = self._hashes.get(id(w))
-            if seen is not None and seen[0]() is w and seen[1] == w._version \
-                    and seen[2] == w.shape:
+            probe = _probe(w)
+            if seen is not None and seen[0]() is w and seen[1] == probe and seen[2] == w.shape:
                 return seen[3]
             h = content_hash(w)
             try:
-                self._hashes[id(w)] = (weakref.ref(w), w._version, w.shape, h)
+                self._hashes[id(w)] = (weakref.ref(w), probe, w.shape, h)
             except TypeError:  # not weak-referenceable: just don't remember it
                 pass
             return h
@@ -139,6 +139,16 @@ class FactorStore:
             self.decisions.clear()
             self._factors.clear()
             self.factorizations = self.estimations = self.hits = 0
+
+
+def _probe(w: torch.Tensor) -> tuple:
+    """What must be unchanged for a remembered hash to stand: the version counter, the storage
+    (``w.data = new``) and 64 sampled elements (``w.data.mul_(2)`` moves no version counter)."""
+    flat = w.detach().reshape(-1)
+    idx = torch.linspace(0, max(flat.numel() - 1, 0), min(64, flat.numel())).long()
+    sample = flat[idx.to(flat.device)].cpu()
+    return (w._version, w.data_ptr(), bytes(sample.view(torch.uint8).numpy()) if flat.numel()
+            else b"")
 
 
 # ---------------------------------------------------------------------------- disk cache

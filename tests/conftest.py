@@ -13,8 +13,7 @@ def _fresh_structfx_state():
     yield
     import sys
 
-    if "structfx" in sys.modules:
-        from structfx import backend, report
-
+    backend = sys.modules.get("structfx.backend")   # (structfx.backend is also a function)
+    if backend is not None:
         backend.DEFAULT_STORE.clear()
-        report.clear_reports()
+        sys.modules["structfx.report"].clear_reports()

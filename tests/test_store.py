@@ -148,3 +148,15 @@ def test_cache_writes_leave_no_temporary_files(tmp_path):
     model, x = mlp(), torch.randn(8, 64)
     structfx.compress(model, (x,), CFG.replace(cache_dir=str(tmp_path)))
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
+
+
+def test_weight_hash_sees_changes_through_data():
+    store = FactorStore()
+    w = nn.Parameter(torch.randn(64, 32))
+    h = store.weight_hash(w)
+    assert store.weight_hash(w) == h
+    w.data.mul_(2)                     # moves no version counter
+    h2 = store.weight_hash(w)
+    assert h2 != h
+    w.data = torch.randn(64, 32)       # new storage
+    assert store.weight_hash(w) not in (h, h2)
