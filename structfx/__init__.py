@@ -12,6 +12,7 @@ from .config import Config
 from .report import LayerDecision, Report, clear_reports, last_report, reports
 from .passes.factorize_blast import factorize_blast
 from .passes.project_ss1 import project_ss1
+from .passes.store import FactorStore
 from .compress import compress
 from .backend import backend
 from .distillation import DistillResult, distill
@@ -36,4 +37,4 @@ def __dir__():
 
 __all__ = ["BlastLinear", "SS1Linear", "Config", "Report", "LayerDecision", "last_report",
            "reports", "clear_reports", "factorize_blast", "project_ss1", "compress", "backend",
-           "export_onnx", "onnx_session", "distill", "DistillResult"]
+           "export_onnx", "onnx_session", "distill", "DistillResult", "FactorStore"]
