@@ -327,7 +327,20 @@ def _objective(Wb: Tensor, U: Tensor, S: Tensor, V: Tensor, C: Optional[Tensor])
 
 
 def _parabola(slope: Tensor, curv: Tensor, eta: float) -> float:
-    return float((-slope / curv.clamp_min(1e-30)).clamp(0, eta))
+    """The step along a direction: the parabola's minimum, capped at ``eta``; none along a
+    direction that is flat or, from rounding, looks concave (a Gram-form curvature is a
+    difference of large terms near an exact fit)."""
+    if not (float(curv) > 0 and float(slope) < 0):
+        return 0.0
+    return min(float(-slope / curv), eta)
+
+
+def _damping(delta: float, H: Tensor) -> Tensor:
+    """``delta``, but at least 1e-4 of the typical curvature of each system: near an exact fit
+    ``delta`` goes to 0, and gradient rounding divided by it would push factors along the
+    Hessian's null directions (more rank than the matrix has) without bound."""
+    typical = H.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(0)
+    return torch.maximum(typical * 1e-4, torch.as_tensor(delta, dtype=H.dtype))[..., None, None]
 
 
 def _descend(Wb: Tensor, U: Tensor, S: Tensor, V: Tensor, steps: int, lr: float,
@@ -365,7 +378,7 @@ def _descend(Wb: Tensor, U: Tensor, S: Tensor, V: Tensor, steps: int, lr: float,
         else:
             H = torch.einsum("ijr,jrs,ijs->irs", S, V.mT @ V, S)
         grad = U @ H - B
-        dU = -spd_solve(H + delta * I, grad, left=False)
+        dU = -spd_solve(H + _damping(delta, H) * I, grad, left=False)
         slope, curv = (grad * dU).sum(), ((dU @ H) * dU).sum()
         h = _parabola(slope, curv, eta)
         U = U + h * dU
@@ -382,7 +395,7 @@ def _descend(Wb: Tensor, U: Tensor, S: Tensor, V: Tensor, steps: int, lr: float,
         else:
             P = torch.einsum("ijr,irs,ijs->jrs", S, GU, S)
             grad = V @ P - B
-        dV = -spd_solve(P + delta * I, grad, left=False)
+        dV = -spd_solve(P + _damping(delta, P) * I, grad, left=False)
         if aware:
             CdV = g.CV(dV)
             curv = (dV * torch.einsum("jkqr,kjrs->jqs", CdV, N)).sum()
@@ -403,12 +416,12 @@ def _descend(Wb: Tensor, U: Tensor, S: Tensor, V: Tensor, steps: int, lr: float,
             coupled = lambda s: torch.einsum("ikrs,jkrs->ijr", GU[:, None] * s[..., None, :], M)
             grad = coupled(S) - rhs
             PS = GU[:, None] * M.diagonal(dim1=0, dim2=1).permute(2, 0, 1)[None]
-            dS = -spd_solve(PS + delta * I, grad)
+            dS = -spd_solve(PS + _damping(delta, PS) * I, grad)
             curv = (dS * coupled(dS)).sum()
         else:
             PS = GU[:, None] * (V.mT @ V)[None]
             grad = (PS @ S[..., None]).squeeze(-1) - rhs
-            dS = -spd_solve(PS + delta * I, grad)
+            dS = -spd_solve(PS + _damping(delta, PS) * I, grad)
             curv = ((PS @ dS[..., None]).squeeze(-1) * dS).sum()
         slope = (grad * dS).sum()
         h = _parabola(slope, curv, eta)
