@@ -7,7 +7,7 @@ Every entry point that runs the user's model on the user's data (``compress`` an
   * a tuple or list          -> positional inputs;
   * a dict / ``BatchEncoding`` (any mapping with string keys) -> keyword inputs, the way
     Hugging Face models are called (``model(**tokenizer(texts, return_tensors="pt"))``);
-    when the model's ``forward`` names none of the keys but takes one positional input (a
+    when the model's ``forward`` names none of the keys but takes one dict input (a
     sentence-transformers model takes its features dict so), the dict is that input;
   * ``structfx.Inputs(args, kwargs)`` -> both, explicitly.
 
@@ -80,17 +80,21 @@ def _named(sig: inspect.Signature) -> set[str]:
 
 
 def _dict_is_one_input(model: Optional[nn.Module], keys) -> bool:
-    """A mapping none of whose keys ``forward`` names, for a ``forward`` taking one positional
-    input (``SentenceTransformer.forward(features)``), is that one input."""
+    """A mapping none of whose keys ``forward`` names, for a ``forward`` whose one required
+    input is annotated as a dict (``SentenceTransformer.forward(input: dict[str, Tensor])``),
+    is that one input."""
     sig = _forward_params(model)
     if sig is None:
         return False
-    named = _named(sig)
-    if any(k in named for k in keys):
+    if any(k in _named(sig) for k in keys):
         return False
     positional = [p for p in sig.parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 1 and all(p.default is not p.empty for p in positional[1:])
+    if not positional or any(p.default is p.empty for p in positional[1:]):
+        return False
+    ann = positional[0].annotation
+    ann = ann if isinstance(ann, str) else getattr(ann, "__name__", repr(ann))
+    return any(w in str(ann) for w in ("dict", "Dict", "Mapping"))
 
 
 def _check_leaf(v: Any, where: str, what: str) -> None:
