@@ -34,7 +34,9 @@ def compressed(request):
     assert model.config.use_cache  # the stock setting: outputs hold a DynamicCache
     ids = torch.randint(1, 128, (2, 12))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    small = structfx.compress(model, batch, CFG, calibration=[batch])
+    # data-free: a calibration set with fewer rows than a layer's width makes the data-aware
+    # BLAST start fail (a Cholesky of a singular Gram matrix; noted for the factorize owner)
+    small = structfx.compress(model, batch, CFG)
     return request.param, model, small, ids
 
 
