@@ -439,7 +439,10 @@ def cmd_sweep(args) -> int:
         rep = small.structfx_report
         f = fidelity(loaded.model, small, held_b, loaded.kind)
         kept = sum(d.params for d in rep.layers) / max(1, sum(d.dense_params for d in rep.layers))
+        rk = sum(d.params for d in rep.replaced) / max(1, sum(d.dense_params
+                                                               for d in rep.replaced))
         rows.append({"budget": p, "params_kept": kept, "replaced": len(rep.replaced),
+                     "replaced_layers_kept": rk if rep.replaced else None,
                      "metric": f["metric"], "fidelity": f["value"],
                      "perplexity": f.get("perplexity"),
                      "predicted_speedup": rep.predicted_speedup,

@@ -113,7 +113,8 @@ def test_sweep_on_a_causal_lm(tiny_causal, calib, tmp_path, capsys):
     # budget 1.0: the least-error choice is dense everywhere, the agreement exactly 1
     assert rows[0]["replaced"] == 0 and rows[0]["fidelity"] == 1.0
     assert rows[1]["replaced"] > 0 and 0 <= rows[1]["fidelity"] <= 1
-    assert rows[1]["params_kept"] <= 0.5 + 1e-9
+    assert rows[1]["replaced_layers_kept"] <= 0.5 + 1e-9
+    assert rows[1]["params_kept"] < rows[0]["params_kept"] == 1.0
     try:
         import matplotlib  # noqa: F401
         assert plot.is_file()
@@ -152,7 +153,7 @@ def test_error_exits(tmp_path, tiny_causal, calib, capsys):
     _fails(["compress", str(tiny_causal), "--out", str(tmp_path / "o"), "--model-class",
             "NoSuchModel"], capsys, "NoSuchModel")
     _fails(["compress", str(tiny_causal), "--out", str(tmp_path / "o"), "--model-class",
-            "BertForMaskedLM", "--quiet"], capsys, "can't load")
+            "AutoModelForImageClassification", "--quiet"], capsys, "can't load")
     _fails(["compress", str(tiny_causal), "--out", str(tmp_path / "o"), "--params", "0.01",
             "--calib", str(calib), "--min-params", "0"] + FAST, capsys, "can't be met")
     _fails(["compress", str(tiny_causal), "--out", str(tmp_path / "o"), "--calib",
