@@ -206,9 +206,10 @@ def split_texts(texts: list[str]) -> tuple[list[str], list[str]]:
 
 
 def tokenize(tokenizer, texts: list[str], batch_size: int, max_length: int,
-             desc: str = "tokenizing") -> list[dict]:
-    """Batches of keyword inputs (``input_ids``, ``attention_mask``, ...), texts sorted by
-    length so that batches carry little padding."""
+             desc: str = "tokenizing", kind: str = "encoder") -> list[dict]:
+    """Batches of keyword inputs (``input_ids``, ``attention_mask``, and for encoders
+    ``token_type_ids``), texts sorted by length so that batches carry little padding."""
+    keys = ("input_ids", "attention_mask") + (("token_type_ids",) if kind == "encoder" else ())
     from tqdm.auto import tqdm
 
     tok = tokenizer
@@ -222,8 +223,7 @@ def tokenize(tokenizer, texts: list[str], batch_size: int, max_length: int,
     for i in tqdm(range(0, len(order), batch_size), desc=f"structfx: {desc}", leave=False):
         enc = tok(order[i:i + batch_size], padding=True, truncation=True,
                   max_length=max_length, return_tensors="pt")
-        out.append({k: v for k, v in enc.items() if k in ("input_ids", "attention_mask",
-                                                          "token_type_ids")})
+        out.append({k: v for k, v in enc.items() if k in keys})
     return out
 
 
@@ -306,9 +306,9 @@ def _data(args, loaded: Loaded):
     if loaded.tokenizer is None:
         raise CliError(f"{str(loaded.folder)!r} has no tokenizer to read --calib with")
     fit, held = split_texts(read_texts(args.calib))
-    fit_b = tokenize(loaded.tokenizer, fit, args.batch_size, args.max_length)
+    fit_b = tokenize(loaded.tokenizer, fit, args.batch_size, args.max_length, kind=loaded.kind)
     held_b = tokenize(loaded.tokenizer, held, args.batch_size, args.max_length,
-                      desc="tokenizing held-out")
+                      desc="tokenizing held-out", kind=loaded.kind)
     return fit_b[0], fit_b, held_b
 
 
@@ -429,9 +429,9 @@ def cmd_sweep(args) -> int:
     if loaded.tokenizer is None:
         raise CliError(f"{str(loaded.folder)!r} has no tokenizer to read --calib with")
     fit, held = split_texts(read_texts(args.calib))
-    fit_b = tokenize(loaded.tokenizer, fit, args.batch_size, args.max_length)
+    fit_b = tokenize(loaded.tokenizer, fit, args.batch_size, args.max_length, kind=loaded.kind)
     held_b = tokenize(loaded.tokenizer, held, args.batch_size, args.max_length,
-                      desc="tokenizing held-out")
+                      desc="tokenizing held-out", kind=loaded.kind)
     rows = []
     for p in budgets:
         _progress(f"budget {p:g}")

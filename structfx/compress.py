@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from . import pipeline, swap
 from .config import Config
-from .inputs import Inputs, dynamic_shapes, for_capture, normalize, normalize_batches
+from .inputs import Inputs, dynamic_shapes, normalize, normalize_batches, prepare
 from .passes.match import match_linears
 from .report import set_last_report
 from .timing import median_time
@@ -180,9 +180,9 @@ def compress(model: nn.Module, example_inputs: Any, config: Optional[Config] = N
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress: model must be an nn.Module, got {type(model).__name__}")
     config = config or Config()
-    example = normalize(example_inputs, model)
-    cap = for_capture(model, example)
-    calib = [for_capture(model, b) for b in normalize_batches(calibration, model)]
+    cap = prepare(example_inputs, model)
+    calib = [prepare(b, model, f"calibration[{i}]")
+             for i, b in enumerate(normalize_batches(calibration, model))]
     _warn_train_mode(model)
     with _LOCK:
         gm = capture(model, cap)
@@ -221,8 +221,14 @@ def _result(model: nn.Module, gm: fx.GraphModule, replaced, layers: dict, output
                          f"swapped into a copy of {type(model).__name__}: {lines}. Use "
                          f"output='graph' (or 'auto') for the rewritten GraphModule")
     if output == "model" or (output == "auto" and not why):
-        report.output = "model"
-        return swap.copy_with_swaps(model, {s.name: layers[s.name][0] for s in replaced})
+        try:
+            out = swap.copy_with_swaps(model, {s.name: layers[s.name][0] for s in replaced})
+            report.output = "model"
+            return out
+        except (TypeError, RuntimeError, copy.Error) as e:  # an object deepcopy can't copy
+            if output == "model":
+                raise
+            why = {"": f"copying {type(model).__name__} failed ({type(e).__name__}: {e})"}
     _detach_from(gm, model)
     gm.recompile()
     # torch.export's unlifted module refuses .train()/.eval(); a plain GraphModule over the same

@@ -34,7 +34,7 @@ from tabulate import tabulate
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from .inputs import Inputs, for_capture, normalize
+from .inputs import Inputs, prepare
 from .layers import BlastLinear, SS1Linear
 from .passes.factorize_blast import HOLDOUT_EVERY  # the same hold-out rows as factorize
 
@@ -120,7 +120,7 @@ class _Stop(Exception):
 def _batch(b: Any, model: nn.Module, what: str) -> Inputs:
     """One batch as ``Inputs`` (inputs.normalize), with ``use_cache=False`` for HF models: the
     teacher's and student's outputs are compared, their caches are not needed."""
-    return for_capture(model, normalize(b, model, what=what))
+    return prepare(b, model, what)
 
 
 def _describe(layer: nn.Module) -> str:

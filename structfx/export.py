@@ -20,7 +20,7 @@ from torch.export import Dim
 
 from .compress import capture_lock, compress
 from .config import Config
-from .inputs import Inputs, dynamic_shapes as _dynamic_shapes, for_capture, normalize
+from .inputs import dynamic_shapes as _dynamic_shapes, normalize, prepare
 from .kernels import onnx_functions
 from .layers import BlastLinear, SS1Linear
 
@@ -90,7 +90,7 @@ def export_program(model: nn.Module, args: Any, path: Optional[Path],
     tuple of positional inputs, a tensor, a dict of keyword inputs, ``Inputs``); Hugging Face
     models are exported with ``use_cache=False``. Returns the ``torch.onnx.ONNXProgram``;
     saves it to ``path`` unless that is None."""
-    inp = for_capture(model, normalize(args, model))
+    inp = prepare(args, model)
     if dynamic_shapes is None:
         dynamic_shapes = (default_dynamic_shapes(inp.args) if not inp.kwargs
                           else _dynamic_shapes(model, inp))
@@ -123,7 +123,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path, config: Optional[Co
     path = _check_path(path)
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx: model must be an nn.Module, got {type(model).__name__}")
-    args = normalize(example_inputs, model)
+    args = normalize(example_inputs, model, check=False)
     if is_structured(model):
         if config is not None:
             raise ValueError("export_onnx: the model is already compressed (it holds "

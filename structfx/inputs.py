@@ -125,7 +125,7 @@ def _check_leaf(v: Any, where: str, what: str) -> None:
 
 
 def normalize(inputs: Any, model: Optional[nn.Module] = None, *,
-              what: str = "example_inputs") -> Inputs:
+              what: str = "example_inputs", check: bool = True) -> Inputs:
     """``Inputs(args, kwargs)`` from what the user passed (see the module docstring).
     ``model`` (optional) lets a dict be recognized as one positional features dict; ``what``
     names the argument in errors."""
@@ -148,8 +148,16 @@ def normalize(inputs: Any, model: Optional[nn.Module] = None, *,
         _check_leaf(a, f"positional input {i}", what)
     for k, v in out.kwargs.items():
         _check_leaf(v, f"keyword input {k!r}", what)
-    if model is not None:
+    if model is not None and check:
         check_signature(model, out, what)
+    return out
+
+
+def prepare(inputs: Any, model: nn.Module, what: str = "example_inputs") -> Inputs:
+    """What a capture / an export / a distillation run feeds ``model``: :func:`normalize`,
+    then :func:`for_capture`, checked against ``forward``'s signature."""
+    out = for_capture(model, normalize(inputs, model, what=what, check=False))
+    check_signature(model, out, what)
     return out
 
 
@@ -183,7 +191,7 @@ def normalize_batches(batches: Any, model: Optional[nn.Module] = None, *,
     except TypeError:
         raise TypeError(f"{what}: expected an iterable of batches, each {ACCEPTED}; got "
                         f"{type(batches).__name__}") from None
-    return [normalize(b, model, what=f"{what}[{i}]") for i, b in enumerate(items)]
+    return [normalize(b, model, what=f"{what}[{i}]", check=False) for i, b in enumerate(items)]
 
 
 def for_capture(model: nn.Module, inputs: Inputs) -> Inputs:

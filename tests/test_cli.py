@@ -125,13 +125,23 @@ def test_sweep_on_a_causal_lm(tiny_causal, calib, tmp_path, capsys):
 def test_compress_causal_lm_with_onnx_and_reload(tiny_causal, calib, tmp_path):
     out = tmp_path / "out"
     rc = main(["compress", str(tiny_causal), "--out", str(out), "--params", "0.5", "--calib",
-               str(calib), "--min-params", "0", "--include", "*h.0.mlp.*"] + FAST)
+               str(calib), "--min-params", "0", "--include", "*h.0.mlp.*", "--onnx"] + FAST)
     assert rc == 0
+    assert (out / "model.onnx").is_file()
     model = structfx.from_pretrained(transformers.AutoModelForCausalLM, out)
     assert isinstance(model.transformer.h[0].mlp.c_fc, structfx.BlastLinear)
     assert model.lm_head.weight is model.transformer.wte.weight
     ids = torch.randint(0, 1000, (1, 5))
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 8)
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    assert names == ["input_ids", "attention_mask"]  # a causal LM gets no token_type_ids
+    feed = {"input_ids": ids.numpy(), "attention_mask": torch.ones_like(ids).numpy()}
+    logits = sess.run(None, feed)[0]
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    assert float(abs(torch.from_numpy(logits) - want).max()) < 1e-3
 
 
 def _fails(argv, capsys, *needles):
