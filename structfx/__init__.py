@@ -5,6 +5,7 @@
     structfx.export_onnx(model_s, example_inputs, "m.onnx")       # runs in plain onnxruntime
     print(structfx.last_report())                                 # per-layer table
     structfx.distill(model_s, model, calib_batches)               # recover fidelity
+    structfx.save(model_s, "out/"); structfx.load(ModelClass, "out/")  # safetensors
 """
 from .kernels import ops as _ops  # registers torch.ops.structfx.*
 from .layers import BlastLinear, SS1Linear
@@ -13,7 +14,9 @@ from .report import LayerDecision, Report, clear_reports, last_report, reports
 from .passes.factorize_blast import factorize_blast
 from .passes.project_ss1 import project_ss1
 from .passes.store import FactorStore
+from .inputs import Inputs
 from .compress import compress
+from .save import CheckpointError, from_pretrained, load, save
 from .backend import backend
 from .distillation import DistillResult, distill
 
@@ -37,4 +40,5 @@ def __dir__():
 
 __all__ = ["BlastLinear", "SS1Linear", "Config", "Report", "LayerDecision", "last_report",
            "reports", "clear_reports", "factorize_blast", "project_ss1", "compress", "backend",
-           "export_onnx", "onnx_session", "distill", "DistillResult", "FactorStore"]
+           "export_onnx", "onnx_session", "distill", "DistillResult", "FactorStore", "Inputs",
+           "save", "load", "from_pretrained", "CheckpointError"]

@@ -1,45 +1,113 @@
-"""``structfx.compress``: an eager, trainable copy of a model with structured linear layers."""
+"""``structfx.compress``: a copy of the user's model with structured linear layers.
+
+The decisions are made on a captured ATen graph (``torch.export``, non-strict); what comes back
+is, by default, a copy of the user's own model (its class and methods: ``.generate()``,
+``.config``, sentence-transformers, the HF ``Trainer``) with each replaced layer swapped for its
+``BlastLinear`` / ``SS1Linear`` (``swap.py``). The rewritten graph comes back instead when a
+replaced linear is not a module structfx can swap (``output="graph"`` asks for it).
+"""
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
+import warnings
 from typing import Any, Iterable, Optional
 
 import torch
 from torch import fx, nn
-from torch.export import Dim
 
-from . import pipeline
+from . import pipeline, swap
 from .config import Config
+from .inputs import Inputs, dynamic_shapes, normalize, normalize_batches, prepare
 from .passes.match import match_linears
 from .passes.store import FactorStore
 from .report import set_last_report
 from .timing import median_time
 
+OUTPUTS = ("auto", "model", "graph")
 
-def _as_args(example_inputs: Any) -> tuple:
-    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+# torch.export is not thread-safe (non-strict tracing patches process-wide state, and a
+# failure half-way can leave it patched). compress and export_onnx run under this lock: calls
+# from several threads are serialized rather than interleaved.
+_LOCK = threading.RLock()
 
 
-def capture(model: nn.Module, args: tuple) -> fx.GraphModule:
-    """ATen-level graph of ``model`` (torch.export, non-strict), batch/sequence dims dynamic
-    where the model allows it. Its parameters are still the model's own tensors."""
+def capture_lock():
+    """The process-wide lock ``compress`` and ``export_onnx`` hold while they trace / run
+    models."""
+    return _LOCK
+
+
+def _export(model: nn.Module, inp: Inputs, dyn, oblivious: bool):
+    ctx = (torch.fx.experimental._config.patch(backed_size_oblivious=True) if oblivious
+           else contextlib.nullcontext())
+    with ctx, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*0/1 specialized.*")
+        return torch.export.export(model, inp.args, kwargs=inp.kwargs or None,
+                                   dynamic_shapes=dyn, strict=False)
+
+
+def capture(model: nn.Module, inputs: Any) -> fx.GraphModule:
+    """ATen-level graph of ``model`` (torch.export, non-strict) for ``inputs`` (a tensor, tuple,
+    dict or ``Inputs``), every tensor axis dynamic where the model allows it, sizes 1 included
+    (an example with batch 1 or sequence 1 does not specialize the graph to 1). Its
+    parameters are still the model's own tensors."""
+    inp = inputs if isinstance(inputs, Inputs) else normalize(inputs, model)
     if isinstance(model, fx.GraphModule) and not any(
             n.op == "call_module" and n.target == "_guards_fn" for n in model.graph.nodes):
         # A symbolic_trace graph: match works on its call_module nodes as they are. Rewrite a
         # copy (its submodules are the user's objects).
         return copy.deepcopy(model)
-    dyn = tuple({i: Dim.AUTO for i in range(a.dim())} if isinstance(a, torch.Tensor) else None
-                for a in args)
-    try:
-        ep = torch.export.export(model, args, dynamic_shapes=dyn, strict=False)
-    except Exception:
-        ep = torch.export.export(model, args, strict=False)  # static shapes, if dims can't vary
-    return ep.module()
+    dyn = dynamic_shapes(model, inp, feature_axis=True)
+    with _LOCK:
+        errors = []
+        # 1. dynamic, sizes 1 not specialized; 2. dynamic where the model lets sizes vary;
+        # 3. static shapes, if no dimension can vary.
+        attempts = ([(dyn, True), (dyn, False)] if dyn is not None else []) + [(None, False)]
+        for d, oblivious in attempts:
+            try:
+                return _export(model, inp, d, oblivious).module()
+            except Exception as e:  # noqa: BLE001 - retried with fewer dynamic dims
+                errors.append(e)
+        raise RuntimeError(f"structfx: torch.export could not capture "
+                           f"{type(model).__name__} on {inp.describe()}: "
+                           f"{type(errors[-1]).__name__}: {errors[-1]}") from errors[-1]
 
 
-def _flat(gm: fx.GraphModule, args: tuple) -> list:
-    codegen = gm.graph._codegen
-    return list(codegen.process_inputs(*args)) if hasattr(codegen, "process_inputs") else list(args)
+def _flat(gm: fx.GraphModule, inp: Inputs, what: str = "example_inputs",
+          example: Optional[Inputs] = None) -> list:
+    """The graph's flat placeholder values for ``inp``; an error naming the batch if it does
+    not fit the captured graph (other inputs, or a size the graph is specialized to)."""
+    spec = getattr(gm, "_in_spec", None)
+    if spec is not None:
+        import torch.fx._pytree as fx_pytree
+
+        try:
+            flat = list(fx_pytree.tree_flatten_spec((inp.args, inp.kwargs), spec))
+        except Exception:  # noqa: BLE001
+            ref = f" (example_inputs: {example.describe()})" if example is not None else ""
+            raise ValueError(f"{what}: {inp.describe()} does not have the inputs the model "
+                             f"was captured with{ref}; every batch needs the same positional "
+                             f"inputs and keyword names") from None
+    else:
+        codegen = gm.graph._codegen
+        flat = (list(codegen.process_inputs(*inp.args, **inp.kwargs))
+                if hasattr(codegen, "process_inputs") else list(inp.args))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, flat):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and isinstance(value, torch.Tensor):
+            if val.dim() != value.dim():
+                raise ValueError(f"{what}: input {node.name!r} is {value.dim()}-D "
+                                 f"{tuple(value.shape)}, the captured graph takes "
+                                 f"{val.dim()}-D inputs there")
+            for axis, (want, got) in enumerate(zip(val.shape, value.shape)):
+                if isinstance(want, int) and want != got:
+                    raise ValueError(f"{what}: input {node.name!r} has size {got} on axis "
+                                     f"{axis}, where the captured graph is specialized to "
+                                     f"{want} (the model needs that size to stay fixed)")
+    return flat
 
 
 def _detach_from(gm: nn.Module, model: nn.Module) -> None:
@@ -62,48 +130,135 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _speedup(dense, small, args, repeats: int = 5) -> float:
-    return median_time(dense, *args, repeats=repeats) / median_time(small, *args, repeats=repeats)
+def _speedup(dense, small, inp: Inputs, repeats: int = 5) -> float:
+    return (median_time(lambda *a: inp.call(dense), *inp.tensors(), repeats=repeats)
+            / median_time(lambda *a: inp.call(small), *inp.tensors(), repeats=repeats))
+
+
+def _warn_train_mode(model: nn.Module) -> None:
+    """One warning per call when the model is in training mode with dropout / batch norm."""
+    if not model.training:
+        return
+    active = [n for n, m in model.named_modules() if m.training and (
+        (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
+        or isinstance(m, nn.modules.batchnorm._BatchNorm))]
+    if active:
+        more = f" and {len(active) - 1} more" if len(active) > 1 else ""
+        warnings.warn(f"structfx.compress: {type(model).__name__} is in training mode, so "
+                      f"the capture that calibrates and checks the layers runs with dropout / "
+                      f"batch-norm training behaviour ({active[0]!r}{more}), and a returned "
+                      f"graph (output='graph') keeps that behaviour baked in; call "
+                      f"model.eval() before compress (a returned model copy follows "
+                      f".train() / .eval() as usual)", UserWarning, stacklevel=3)
 
 
 def compress(model: nn.Module, example_inputs: Any, config: Optional[Config] = None, *,
              calibration: Optional[Iterable] = None, measure: bool = False,
-             store: Optional[FactorStore] = None) -> fx.GraphModule:
-    """Return a new module (an FX GraphModule) computing ``model`` with structured layers.
+             output: str = "auto", store: Optional[FactorStore] = None) -> nn.Module:
+    """Return a copy of ``model`` computing it with structured layers.
 
-    ``example_inputs``: a tensor or a tuple of positional inputs. ``calibration``: batches
-    (each like ``example_inputs``) whose activations drive data-aware factorization; the report
-    then shows output error on held-out calibration rows. ``measure``: time the dense and the
-    compressed model on ``example_inputs`` for the report. ``store``: a ``FactorStore`` to
-    reuse estimates, decisions and live factors across calls (default: a fresh one per call). ``model`` and its weights are left
-    untouched; the result owns copies of everything it keeps, and its ``BlastLinear`` /
-    ``SS1Linear`` submodules are trainable and sit at the original layers' paths.
-    The graph is captured in the mode ``model`` is in (dropout / batch-norm behaviour is fixed
-    at capture time, as with ``torch.export``); ``.train()`` only makes the factors trainable.
+    ``example_inputs`` (and each ``calibration`` batch): a tensor, a tuple of positional
+    inputs, a dict / ``BatchEncoding`` of keyword inputs (``tokenizer(texts,
+    return_tensors="pt")``), or ``structfx.Inputs(args, kwargs)``. Hugging Face models are
+    captured with ``use_cache=False`` (their cache is not needed to decide the layers; the
+    returned model uses its cache as before). ``calibration``: batches whose activations drive
+    data-aware factorization; the report then shows output error on held-out calibration rows.
+    ``measure``: time the dense and the compressed model on ``example_inputs``. ``store``: a
+    ``structfx.FactorStore`` to reuse estimates, decisions and live factors across calls
+    (default: a fresh one per call).
+
+    ``output``: ``"auto"`` (default) returns a copy of ``model`` (same class and methods), each
+    replaced ``nn.Linear`` / HF ``Conv1D`` swapped for its ``BlastLinear`` / ``SS1Linear`` at
+    the same path, or, when a replaced linear is not such a module (a functional ``F.linear``
+    on a parameter), the rewritten ``GraphModule`` with a warning and a report note;
+    ``"model"`` raises instead of falling back; ``"graph"`` always returns the graph (captured
+    in the mode ``model`` is in: dropout fixed; it takes the inputs as captured).
+
+    ``model`` and its tensors are left untouched; the result shares no tensor with it, and
+    the dense weights of the replaced layers are not copied. ``result.structfx_report`` and
+    ``structfx.last_report()`` hold the report. Calls from several threads are serialized.
     """
+    if output not in OUTPUTS:
+        raise ValueError(f"compress: output must be one of {OUTPUTS}, got {output!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compress: model must be an nn.Module, got {type(model).__name__}")
     config = config or Config()
-    args = _as_args(example_inputs)
-    gm = capture(model, args)
-    sites = match_linears(gm, None, config)
-    if not any(s.tokens > 1 for s in sites):  # symbolic_trace graphs carry no shapes
-        _propagate_shapes(gm, args, sites)
-    batches = [args] + [_as_args(b) for b in (calibration or [])]
-    result = pipeline.run(gm, sites, config, batches=[_flat(gm, b) for b in batches],
-                          calibrated=calibration is not None, store=store)
-    pipeline.apply(gm.graph, result.decisions, result.layers, root=gm)
+    cap = prepare(example_inputs, model)
+    calib = [prepare(b, model, f"calibration[{i}]")
+             for i, b in enumerate(normalize_batches(calibration, model))]
+    _warn_train_mode(model)
+    with _LOCK:
+        gm = capture(model, cap)
+        flat = [_flat(gm, cap)] + [_flat(gm, b, f"calibration[{i}]", cap)
+                                   for i, b in enumerate(calib)]
+        sites = match_linears(gm, None, config)
+        if not any(s.tokens > 1 for s in sites):  # symbolic_trace graphs carry no shapes
+            _propagate_shapes(gm, flat[0], sites)
+        # ---- the pipeline: decide, record, factorize, rewrite, report
+        with _no_side_effects(gm):
+            run = pipeline.run(gm, sites, config, batches=flat, calibrated=bool(calib),
+                               store=store)
+        pipeline.apply(gm.graph, run.decisions, run.layers, root=gm)
+        report = run.report
+        replaced = [d.site for d in run.decisions if d.replaced]
+        layers = {name: f.layer for name, f in run.layers.items()}
+        # ----
+        result = _result(model, gm, replaced, layers, output, report)
+        report.model_params_before, report.model_params_after = _count(model), _count(result)
+        report.model_output_error = model_output_error(model, result, cap)
+        if measure:
+            report.measured_speedup = _speedup(model, result, cap)
+    set_last_report(report)
+    result.structfx_report = report
+    return result
+
+
+@contextlib.contextmanager
+def _no_side_effects(gm: nn.Module):
+    """Recording runs the captured graph, whose buffers are the user's (train-mode batch norm
+    would update its running statistics and ``num_batches_tracked``): put them back after, and
+    the RNG state too (dropout)."""
+    saved = [(b, b.detach().clone()) for b in gm.buffers()]
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, value in saved:
+                    b.copy_(value)
+
+
+def _result(model: nn.Module, gm: fx.GraphModule, replaced, layers: dict, output: str,
+            report) -> nn.Module:
+    """The model copy with the structured modules swapped in, or the rewritten graph."""
+    why = {} if output == "graph" else {
+        s.name: r for s in replaced
+        if (r := swap.unswappable(model, s.name, s.node, s.weight)) is not None}
+    if why and output == "model":
+        lines = "; ".join(why.values())
+        raise ValueError(f"compress(output='model'): {len(why)} replaced layer(s) can't be "
+                         f"swapped into a copy of {type(model).__name__}: {lines}. Use "
+                         f"output='graph' (or 'auto') for the rewritten GraphModule")
+    if output == "model" or (output == "auto" and not why):
+        try:
+            out = swap.copy_with_swaps(model, {s.name: layers[s.name] for s in replaced})
+            report.output = "model"
+            return out
+        except (TypeError, RuntimeError, copy.Error) as e:  # an object deepcopy can't copy
+            if output == "model":
+                raise
+            why = {"": f"copying {type(model).__name__} failed ({type(e).__name__}: {e})"}
     _detach_from(gm, model)
     gm.recompile()
     # torch.export's unlifted module refuses .train()/.eval(); a plain GraphModule over the same
     # graph (same submodules, same pytree in/out handling) is an ordinary trainable module.
     gm = fx.GraphModule(gm, gm.graph, class_name="StructfxModule")
-
-    report = result.report
-    report.model_params_before, report.model_params_after = _count(model), _count(gm)
-    report.model_output_error = model_output_error(model, gm, args)
-    if measure:
-        report.measured_speedup = _speedup(model, gm, args)
-    set_last_report(report)
-    gm.structfx_report = report
+    report.output = "graph"
+    if why:
+        note = (f"returned the rewritten GraphModule, not a copy of {type(model).__name__}: "
+                + "; ".join(why.values()))
+        report.notes.append(note)
+        warnings.warn(f"structfx.compress: {note}", UserWarning, stacklevel=3)
     return gm
 
 
@@ -113,21 +268,22 @@ def _float_leaves(out) -> list[torch.Tensor]:
     return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def model_output_error(dense: nn.Module, small: nn.Module, args: tuple) -> Optional[float]:
+def model_output_error(dense: nn.Module, small: nn.Module, inputs: Any) -> Optional[float]:
     """``||small(x) - dense(x)|| / ||dense(x)||`` over the floating-point outputs."""
+    inp = inputs if isinstance(inputs, Inputs) else normalize(inputs)
     with torch.no_grad():
-        a, b = _float_leaves(dense(*args)), _float_leaves(small(*args))
-    if not a or len(a) != len(b):
+        a, b = _float_leaves(inp.call(dense)), _float_leaves(inp.call(small))
+    if not a or len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         return None
     num = sum(float((y.double() - x.double()).pow(2).sum()) for x, y in zip(a, b))
     den = sum(float(x.double().pow(2).sum()) for x in a)
     return (num / den) ** 0.5 if den > 0 else None
 
 
-def _propagate_shapes(gm: fx.GraphModule, args: tuple, sites) -> None:
+def _propagate_shapes(gm: fx.GraphModule, flat: list, sites) -> None:
     from torch.fx.passes.shape_prop import ShapeProp
 
-    ShapeProp(gm).propagate(*_flat(gm, args))
+    ShapeProp(gm).propagate(*flat)
     for s in sites:
         shape = s.x.meta["tensor_meta"].shape
         s.tokens = int(torch.Size(shape[:-1]).numel())

@@ -34,6 +34,7 @@ from tabulate import tabulate
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from .inputs import Inputs, prepare
 from .layers import BlastLinear, SS1Linear
 from .passes.checks import calibration_problem
 from .passes.factorize_blast import HOLDOUT_EVERY  # the same hold-out rows as factorize
@@ -117,8 +118,10 @@ class _Stop(Exception):
     would be wasted work."""
 
 
-def _as_args(batch: Any) -> tuple:
-    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+def _batch(b: Any, model: nn.Module, what: str) -> Inputs:
+    """One batch as ``Inputs`` (inputs.normalize), with ``use_cache=False`` for HF models: the
+    teacher's and student's outputs are compared, their caches are not needed."""
+    return prepare(b, model, what)
 
 
 def _describe(layer: nn.Module) -> str:
@@ -283,7 +286,7 @@ def _fit(layer: nn.Module, stats: _Stats, steps: int, lr: float, name: str = "")
 
 # ----------------------------------------------------------------------------- recording
 def _record(compressed: nn.Module, teacher: nn.Module, group: list[str],
-            layers: dict[str, nn.Module], paths: dict[str, str], batches: list[tuple],
+            layers: dict[str, nn.Module], paths: dict[str, str], batches: list[Inputs],
             mode: str) -> dict[str, _Stats]:
     """Run both models on every batch up to the group's layers and accumulate each layer's
     statistics: inputs from the compressed model (``mode`` "correct" / "student") or the
@@ -351,9 +354,9 @@ def _record(compressed: nn.Module, teacher: nn.Module, group: list[str],
     return stats
 
 
-def _run_until_stop(model: nn.Module, args: tuple) -> None:
+def _run_until_stop(model: nn.Module, args: Inputs) -> None:
     try:
-        model(*args)
+        args.call(model)
     except _Stop:
         pass
 
@@ -399,7 +402,7 @@ def _check_batches(compressed: nn.Module, batches: list, what: str) -> None:
         return
     for i, args in enumerate(batches):
         try:
-            flat = list(process(*args))
+            flat = list(process(*args.args, **args.kwargs))
         except Exception:  # a pytree the spec doesn't describe: leave it to the model
             continue
         if len(flat) != len(expected):
@@ -428,11 +431,11 @@ def _float_leaves(out) -> list[torch.Tensor]:
 
 
 def _model_error(student: nn.Module, teacher_outs: list[list[torch.Tensor]],
-                 batches: list[tuple]) -> Optional[float]:
+                 batches: list[Inputs]) -> Optional[float]:
     num = den = 0.0
     with torch.no_grad():
         for args, ref in zip(batches, teacher_outs):
-            got = _float_leaves(student(*args))
+            got = _float_leaves(args.call(student))
             if len(got) != len(ref):
                 return None
             num += sum(float((g.double() - r.double()).pow(2).sum()) for g, r in zip(got, ref))
@@ -440,13 +443,13 @@ def _model_error(student: nn.Module, teacher_outs: list[list[torch.Tensor]],
     return math.sqrt(num / den) if den > 0 else None
 
 
-def _teacher_outputs(teacher: nn.Module, batches: list[tuple], what: str = "calib_inputs"
+def _teacher_outputs(teacher: nn.Module, batches: list[Inputs], what: str = "calib_inputs"
                      ) -> list[list[torch.Tensor]]:
     out = []
     with torch.no_grad():
         for i, args in enumerate(batches):
             try:
-                y = teacher(*args)
+                y = args.call(teacher)
             except Exception as e:  # name the batch: the traceback alone points into the model
                 raise ValueError(f"distill: the teacher fails on {what} batch {i} "
                                  f"({type(e).__name__}: {e})") from e
@@ -458,7 +461,8 @@ def _structured_params(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return {f"{n}.{k}": p for n, layer in layers.items() for k, p in layer.named_parameters()}
 
 
-def _batches_forever(batches: list[tuple], targets: list, extra: Optional[Iterable]):
+def _batches_forever(batches: list[Inputs], targets: list, extra: Optional[Iterable],
+                     teacher: nn.Module):
     """``(args, teacher outputs or None)`` pairs for the end-to-end phase: the calibration
     batches with their cached targets, cycled; or ``extra`` (labelled by the teacher as they
     come), cycled if it is a list or tuple, else read until it runs out."""
@@ -469,7 +473,7 @@ def _batches_forever(batches: list[tuple], targets: list, extra: Optional[Iterab
         empty = True
         for b in extra:
             empty = False
-            yield _as_args(b), None
+            yield _batch(b, teacher, "end_to_end_inputs"), None
         if empty or not isinstance(extra, (list, tuple)):
             return
 
@@ -494,9 +498,9 @@ def _end_to_end(student: nn.Module, teacher: nn.Module, layers: dict[str, nn.Mod
             break
         if ref is None:
             with torch.no_grad():
-                ref = [r.detach() for r in _float_leaves(teacher(*args))]
+                ref = [r.detach() for r in _float_leaves(args.call(teacher))]
         with torch.enable_grad():
-            got = _float_leaves(student(*args))
+            got = _float_leaves(args.call(student))
             if len(got) != len(ref):
                 raise ValueError("distill: the compressed model and the teacher return "
                                  "different numbers of floating-point outputs")
@@ -523,7 +527,7 @@ def distill(compressed: nn.Module, teacher: nn.Module, calib_inputs: Iterable, *
 
     ``compressed``: what ``structfx.compress(teacher, ...)`` returned (any module holding
     ``BlastLinear`` / ``SS1Linear`` layers at the teacher's ``nn.Linear`` paths works).
-    ``calib_inputs``: batches, each a tensor or a tuple of positional inputs as for
+    ``calib_inputs``: batches, each a tensor, a tuple or a dict of keyword inputs as for
     ``compress``. ``steps``: Adam steps per layer; ``lr``: Adam step size relative to each
     parameter tensor's RMS. ``mode``: where each layer's inputs and targets come from (see
     the module docstring). ``end_to_end_steps``: then this many Adam steps on all structured
@@ -567,10 +571,14 @@ def distill(compressed: nn.Module, teacher: nn.Module, calib_inputs: Iterable, *
     if shared:
         raise ValueError("distill: the compressed model's structured layers share parameters "
                          "with the teacher")
-    batches = [_as_args(b) for b in calib_inputs]
+    if isinstance(calib_inputs, (torch.Tensor, dict, Inputs)):
+        raise TypeError(f"distill: calib_inputs must be an iterable of batches (e.g. a list), "
+                        f"got one {type(calib_inputs).__name__}; wrap it in a list")
+    batches = [_batch(b, teacher, f"calib_inputs[{i}]") for i, b in enumerate(calib_inputs)]
     if not batches:
         raise ValueError("distill: calib_inputs is empty; give at least one batch")
-    evals = [_as_args(b) for b in eval_inputs] if eval_inputs is not None else None
+    evals = ([_batch(b, teacher, f"eval_inputs[{i}]") for i, b in enumerate(eval_inputs)]
+             if eval_inputs is not None else None)
     _check_batches(compressed, batches, "calib_inputs")
     if evals:
         _check_batches(compressed, evals, "eval_inputs")
@@ -620,7 +628,7 @@ def distill(compressed: nn.Module, teacher: nn.Module, calib_inputs: Iterable, *
     result.model_error_after = result.model_error_after_layers
     if end_to_end_steps:
         saved = {k: p.detach().clone() for k, p in _structured_params(layers).items()}
-        stream = _batches_forever(batches, targets, end_to_end_inputs)
+        stream = _batches_forever(batches, targets, end_to_end_inputs, teacher)
         deadline = None if time_limit is None else t_start + time_limit - 1.5 * t_eval
         result.end_to_end_steps = _end_to_end(compressed, teacher, layers, stream,
                                               end_to_end_steps, end_to_end_lr, progress,

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from .compress import _as_args, compress
+from .compress import capture_lock, compress
 from .config import Config
+from .inputs import dynamic_shapes as _dynamic_shapes, normalize, prepare
 from .kernels import onnx_functions
 from .layers import BlastLinear, SS1Linear
 
@@ -82,16 +83,22 @@ def _add_functions(onnx_program) -> None:
         model.opset_imports[onnx_functions.DOMAIN] = onnx_functions.DOMAIN_VERSION
 
 
-def export_program(model: nn.Module, args: tuple, path: Optional[Path],
+def export_program(model: nn.Module, args: Any, path: Optional[Path],
                    dynamic_shapes=None, external_data: bool = True):
     """``torch.onnx.export(dynamo=True)`` with the ``ai.structfx`` translations and functions
-    (a dense model exports as usual). Returns the ``torch.onnx.ONNXProgram``; saves it to
-    ``path`` unless that is None."""
+    (a dense model exports as usual). ``args``: the inputs as ``compress`` takes them (a
+    tuple of positional inputs, a tensor, a dict of keyword inputs, ``Inputs``); Hugging Face
+    models are exported with ``use_cache=False``. Returns the ``torch.onnx.ONNXProgram``;
+    saves it to ``path`` unless that is None."""
+    inp = prepare(args, model)
     if dynamic_shapes is None:
-        dynamic_shapes = default_dynamic_shapes(args)
-    program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                custom_translation_table=TRANSLATIONS,
-                                opset_version=onnx_functions.ONNX_OPSET, verbose=False)
+        dynamic_shapes = (default_dynamic_shapes(inp.args) if not inp.kwargs
+                          else _dynamic_shapes(model, inp))
+    with capture_lock():
+        program = torch.onnx.export(model, inp.args, kwargs=inp.kwargs or None, dynamo=True,
+                                    dynamic_shapes=dynamic_shapes,
+                                    custom_translation_table=TRANSLATIONS,
+                                    opset_version=onnx_functions.ONNX_OPSET, verbose=False)
     _add_functions(program)
     if path is not None:
         program.save(path, external_data=external_data)
@@ -104,8 +111,9 @@ def export_onnx(model: nn.Module, example_inputs: Any, path, config: Optional[Co
 
     ``model``: a dense model (compressed first with ``config``, default ``Config()``, exactly
     as ``structfx.compress`` does) or an already compressed one (it holds ``BlastLinear`` /
-    ``SS1Linear`` modules; then ``config`` must be None). ``example_inputs``: a tensor or a
-    tuple of positional inputs. ``dynamic_shapes``: as in ``torch.export``; by default every
+    ``SS1Linear`` modules; then ``config`` must be None). ``example_inputs``: a tensor, a
+    tuple of positional inputs, a dict / ``BatchEncoding`` of keyword inputs (the ONNX inputs
+    then take their names), or ``structfx.Inputs``. ``dynamic_shapes``: as in ``torch.export``; by default every
     axis of every input may vary except the feature axis of floating-point inputs (sizes of 1
     included). ``external_data``: weights in ``path + ".data"`` beside the model (the
     exporter's default) or inside the ``.onnx`` file.
@@ -115,7 +123,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path, config: Optional[Co
     path = _check_path(path)
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx: model must be an nn.Module, got {type(model).__name__}")
-    args = _as_args(example_inputs)
+    args = normalize(example_inputs, model, check=False)
     if is_structured(model):
         if config is not None:
             raise ValueError("export_onnx: the model is already compressed (it holds "
