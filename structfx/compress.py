@@ -70,9 +70,12 @@ def capture(model: nn.Module, inputs: Any) -> fx.GraphModule:
                 return _export(model, inp, d, oblivious).module()
             except Exception as e:  # noqa: BLE001 - retried with fewer dynamic dims
                 errors.append(e)
+        first, last = errors[0], errors[-1]
+        also = (f" (with dynamic batch / sequence dims first: {type(first).__name__}: {first})"
+                if first is not last else "")
         raise RuntimeError(f"structfx: torch.export could not capture "
                            f"{type(model).__name__} on {inp.describe()}: "
-                           f"{type(errors[-1]).__name__}: {errors[-1]}") from errors[-1]
+                           f"{type(last).__name__}: {last}{also}") from first
 
 
 def _flat(gm: fx.GraphModule, inp: Inputs, what: str = "example_inputs",
@@ -187,7 +190,7 @@ def compress(model: nn.Module, example_inputs: Any, config: Optional[Config] = N
     calib = [prepare(b, model, f"calibration[{i}]")
              for i, b in enumerate(normalize_batches(calibration, model))]
     _warn_train_mode(model)
-    with _LOCK:
+    with _LOCK, no_side_effects(model):   # the captured graph shares the model's buffers
         gm = capture(model, cap)
         flat = [_flat(gm, cap)] + [_flat(gm, b, f"calibration[{i}]", cap)
                                    for i, b in enumerate(calib)]
@@ -195,29 +198,31 @@ def compress(model: nn.Module, example_inputs: Any, config: Optional[Config] = N
         if not any(s.tokens > 1 for s in sites):  # symbolic_trace graphs carry no shapes
             _propagate_shapes(gm, flat[0], sites)
         # ---- the pipeline: decide, record, factorize, rewrite, report
-        with _no_side_effects(gm):
-            run = pipeline.run(gm, sites, config, batches=flat, calibrated=bool(calib),
-                               store=store)
+        run = pipeline.run(gm, sites, config, batches=flat, calibrated=bool(calib),
+                           store=store)
         pipeline.apply(gm.graph, run.decisions, run.layers, root=gm)
         report = run.report
         replaced = [d.site for d in run.decisions if d.replaced]
         layers = {name: f.layer for name, f in run.layers.items()}
         # ----
+    with _LOCK:
         result = _result(model, gm, replaced, layers, output, report)
         report.model_params_before, report.model_params_after = _count(model), _count(result)
-        report.model_output_error = model_output_error(model, result, cap)
-        if measure:
-            report.measured_speedup = _speedup(model, result, cap)
+        with no_side_effects(model), no_side_effects(result):
+            report.model_output_error = model_output_error(model, result, cap)
+            if measure:
+                report.measured_speedup = _speedup(model, result, cap)
     set_last_report(report)
     result.structfx_report = report
     return result
 
 
 @contextlib.contextmanager
-def _no_side_effects(gm: nn.Module):
-    """Recording runs the captured graph, whose buffers are the user's (train-mode batch norm
-    would update its running statistics and ``num_batches_tracked``): put them back after, and
-    the RNG state too (dropout)."""
+def no_side_effects(gm: nn.Module):
+    """Running the user's module (the captured graph while recording, the teacher while
+    distilling) must leave its buffers as they were: train-mode batch norm would update its
+    running statistics and ``num_batches_tracked``. Put them back after, and the CPU RNG state
+    too (dropout)."""
     saved = [(b, b.detach().clone()) for b in gm.buffers()]
     with torch.random.fork_rng(devices=[]):
         try:

@@ -23,6 +23,7 @@ are measured on those rows (a layer whose held-out error the fit made worse is p
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -517,6 +518,19 @@ def _end_to_end(student: nn.Module, teacher: nn.Module, layers: dict[str, nn.Mod
 
 
 # ----------------------------------------------------------------------------- entry point
+def _teacher_untouched(fn):
+    """The teacher is the user's model: its buffers (train-mode batch norm statistics) and the
+    RNG state are as they were when ``distill`` returns."""
+    @functools.wraps(fn)
+    def wrapper(compressed, teacher, *args, **kwargs):
+        from .compress import no_side_effects
+
+        with no_side_effects(teacher):
+            return fn(compressed, teacher, *args, **kwargs)
+    return wrapper
+
+
+@_teacher_untouched
 def distill(compressed: nn.Module, teacher: nn.Module, calib_inputs: Iterable, *,
             steps: int = 200, lr: float = 1e-2, mode: str = "correct",
             end_to_end_steps: int = 0, end_to_end_lr: float = 1e-3,

@@ -89,3 +89,31 @@ def test_chosen_lowrank_layer_is_the_truncated_svd():
     assert d.weight_error == pytest.approx(best, rel=1e-4)
     layer = small.get_submodule("0")
     assert torch.allclose(layer.to_dense().double(), (U[:, :r] * s[:r]) @ Vh[:r], atol=1e-5)
+
+
+def _bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(96, 128), nn.BatchNorm1d(128), nn.ReLU(),
+                         nn.Linear(128, 96)).train()
+
+
+def _buffers(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def test_compress_export_and_distill_leave_train_mode_batch_norm_buffers_alone(tmp_path):
+    model = _bn_model()
+    before = _buffers(model)
+    x = torch.randn(32, 96)
+    calib = [(torch.randn(32, 96),) for _ in range(3)]
+    with pytest.warns(UserWarning):
+        small = structfx.compress(model, (x,), CFG, calibration=calib)
+    after = _buffers(model)
+    assert all(torch.equal(before[k], after[k]) for k in before), "compress"
+    structfx.distill(small, model, calib, steps=2, progress=False)
+    after = _buffers(model)
+    assert all(torch.equal(before[k], after[k]) for k in before), "distill"
+    with pytest.warns(UserWarning):
+        structfx.export_onnx(model, (x,), tmp_path / "m.onnx", CFG)
+    after = _buffers(model)
+    assert all(torch.equal(before[k], after[k]) for k in before), "export_onnx"
