@@ -28,7 +28,6 @@ import warnings
 from typing import Callable, Optional
 
 import torch
-import torch._dynamo.exc
 from torch import fx, nn
 
 from . import pipeline
@@ -82,13 +81,15 @@ def _backend_with(config: Config, store: FactorStore) -> Callable:
 
         # torch.compile(..., mode="reduce-overhead" | "max-autotune") reaches custom backends
         # as ``mode``: hand it on to inductor as the config it stands for (CUDA graphs, ...).
+        from torch._dynamo import exc as _dynamo_exc   # here: it imports triton (import cost)
+
         patches = torch._inductor.list_mode_options(mode) if mode else {}
         lower = functools.partial(compile_fx, config_patches=patches) if patches else compile_fx
         attempt: dict = {}
         with _LOCK:
             try:
                 return _compile(gm, list(example_inputs), config, lower, attempt, store)
-            except (torch._dynamo.exc.RestartAnalysis, torch._dynamo.exc.SkipFrame):
+            except (_dynamo_exc.RestartAnalysis, _dynamo_exc.SkipFrame):
                 raise  # Dynamo's own control flow (e.g. "tensorify scalars"): it calls again
             except Exception as e:
                 if config.strict:

@@ -194,6 +194,7 @@ def compress(model: nn.Module, example_inputs: Any, config: Optional[Config] = N
         gm = capture(model, cap)
         flat = [_flat(gm, cap)] + [_flat(gm, b, f"calibration[{i}]", cap)
                                    for i, b in enumerate(calib)]
+        captured = captured_inputs(gm)
         sites = match_linears(gm, None, config)
         if not any(s.tokens > 1 for s in sites):  # symbolic_trace graphs carry no shapes
             _propagate_shapes(gm, flat[0], sites)
@@ -214,7 +215,24 @@ def compress(model: nn.Module, example_inputs: Any, config: Optional[Config] = N
                 report.measured_speedup = _speedup(model, result, cap)
     set_last_report(report)
     result.structfx_report = report
+    result.structfx_inputs = captured   # what distill checks its batches against
     return result
+
+
+def captured_inputs(gm: fx.GraphModule) -> Optional[dict]:
+    """The input structure (pytree spec) and per-input ``(dims, dtype)`` the graph was
+    captured for; ``"*"`` for a dim that may vary. None when the graph doesn't say."""
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    spec = getattr(gm, "_in_spec", None)
+    if spec is None or not all(isinstance(v, torch.Tensor) for v in vals):
+        return None
+
+    def dim(d):
+        if isinstance(d, torch.SymInt):
+            value = d.node.maybe_as_int()
+            return "*" if value is None else int(value)
+        return int(d)
+    return {"spec": spec, "inputs": [([dim(d) for d in v.shape], v.dtype) for v in vals]}
 
 
 @contextlib.contextmanager

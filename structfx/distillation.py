@@ -381,38 +381,29 @@ def _check_rows(name: str, batch: int, what: str, t: torch.Tensor) -> None:
         raise ValueError(f"distill: layer {name!r}, calibration batch {batch}: {problem}")
 
 
-def _static(d):
-    """A captured dim: its size if fixed (a plain int or a constant SymInt), else ``"*"``."""
-    if isinstance(d, torch.SymInt):
-        value = d.node.maybe_as_int()
-        return "*" if value is None else int(value)
-    return int(d)
-
-
 def _check_batches(compressed: nn.Module, batches: list, what: str) -> None:
-    """Each batch against the input shapes ``compressed`` was captured for (an exported
-    graph's placeholders: the number of dims, and every dim that is not dynamic), so that a
-    1-D batch or one of the wrong width is an error naming the batch rather than an
-    ``IndexError`` or a bare matmul shape error deep in the graph. Modules without that
-    information (not a ``compress`` result, or inputs it can't flatten) are not checked."""
-    if not isinstance(compressed, fx.GraphModule):
+    """Each batch against the input shapes ``compressed`` was captured for (the number of
+    dims, and every dim that is not dynamic, as ``compress`` recorded them), so that a 1-D
+    batch or one of the wrong width is an error naming the batch rather than an
+    ``IndexError`` or a bare matmul shape error deep in the model. Modules without that
+    information (not a ``compress`` result) are not checked."""
+    info = getattr(compressed, "structfx_inputs", None)
+    if info is None:
         return
-    expected = [n.meta.get("val") for n in compressed.graph.nodes if n.op == "placeholder"]
-    process = getattr(compressed.graph._codegen, "process_inputs", None)
-    if process is None or not all(isinstance(v, torch.Tensor) for v in expected):
-        return
+    import torch.fx._pytree as fx_pytree
+
+    expected = info["inputs"]
     for i, args in enumerate(batches):
         try:
-            flat = list(process(*args.args, **args.kwargs))
+            flat = list(fx_pytree.tree_flatten_spec((args.args, args.kwargs), info["spec"]))
         except Exception:  # a pytree the spec doesn't describe: leave it to the model
             continue
         if len(flat) != len(expected):
             continue
-        for k, (got, want) in enumerate(zip(flat, expected)):
+        for k, (got, (dims, dtype)) in enumerate(zip(flat, expected)):
             where = f"distill: {what} batch {i}" + (f", input {k}" if len(flat) > 1 else "")
             if not isinstance(got, torch.Tensor):
                 raise ValueError(f"{where}: expected a tensor, got {type(got).__name__}")
-            dims = [_static(d) for d in want.shape]
             shown = "(" + ", ".join(map(str, dims)) + ")"
             if got.dim() != len(dims) or any(d != "*" and d != g for d, g in
                                              zip(dims, got.shape)):
@@ -420,9 +411,9 @@ def _check_batches(compressed: nn.Module, batches: list, what: str) -> None:
                     f"{where} has shape {tuple(got.shape)}, but the compressed model was "
                     f"captured for inputs of shape {shown} (* = any size): give batches "
                     f"shaped like compress()'s example inputs")
-            if got.dtype != want.dtype and (got.is_floating_point() != want.is_floating_point()):
+            if got.dtype != dtype and (got.is_floating_point() != dtype.is_floating_point):
                 raise ValueError(f"{where} has dtype {got.dtype}, but the compressed model "
-                                 f"was captured for {want.dtype}")
+                                 f"was captured for {dtype}")
 
 
 # ----------------------------------------------------------------------------- whole model

@@ -308,7 +308,7 @@ def test_dynamic_shapes_keep_the_structured_layers(dynamic, recwarn):
 
 
 # ----------------------------------------------------------------------------- 7. fallback
-@pytest.mark.parametrize("where", ["plan", "apply"])
+@pytest.mark.parametrize("where", ["run", "apply"])
 def test_report_of_a_graph_left_to_inductor_says_so(monkeypatch, where):
     from structfx import pipeline
 
