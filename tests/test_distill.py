@@ -1,5 +1,6 @@
 """``structfx.distill``: layer-wise (and end-to-end) fine-tuning of a compressed model on its
 dense teacher. Small random-weight models on CPU; the file runs in well under a minute."""
+import copy
 import itertools
 import time
 
@@ -129,12 +130,17 @@ def test_time_limit_cuts_the_end_to_end_phase_short():
             time.sleep(0.05)
             yield b
 
+    # The limit covers the whole run: leave the end-to-end phase a few seconds beyond what the
+    # layer phase takes on this machine (a shared CI core can be several times slower).
+    t0 = time.perf_counter()
+    distill(copy.deepcopy(small), teacher, calib, steps=20, progress=False)
+    limit = 2 * (time.perf_counter() - t0) + 3.0
     res = distill(small, teacher, calib, steps=20, end_to_end_steps=10_000,
-                  end_to_end_inputs=slow(), end_to_end_lr=1e-2, time_limit=3.0,
+                  end_to_end_inputs=slow(), end_to_end_lr=1e-2, time_limit=limit,
                   progress=False)
     structured = [m for m in small.modules() if isinstance(m, (BlastLinear, SS1Linear))]
     assert len(res.layers) == len(structured) > 0               # layer phase completed
-    assert 0 < res.end_to_end_steps < 200
+    assert 0 < res.end_to_end_steps <= limit / 0.05 + 1         # cut short by the limit
     assert res.model_error_after <= res.model_error_after_layers
 
 
