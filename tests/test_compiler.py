@@ -331,10 +331,10 @@ def test_symbolic_trace_graph_is_matched_by_call_module():
     assert isinstance(traced.get_submodule("0"), nn.Linear)  # the traced input is untouched
 
 
-def test_measure_option_times_candidates_and_the_model():
+def test_time_candidates_times_the_candidates_and_measure_the_model():
     model = mlp()
     x = torch.randn(16, 128)
-    structfx.compress(model, (x,), CFG.replace(measure=True, blocks=(2,),
+    structfx.compress(model, (x,), CFG.replace(time_candidates=True, blocks=(2,),
                                                rank_fractions=(0.375,)), measure=True)
     rep = structfx.last_report()
     assert rep.replaced

@@ -181,7 +181,7 @@ INVALID = {
     "estimate_steps": st.one_of(st.integers(max_value=-1), st.sampled_from([2.5, False])),
     "seed": st.sampled_from([1.5, "0", None, True]),
     "device": st.sampled_from([3, "no-such-device", ""]),
-    "measure": st.sampled_from([1, "no"]),
+    "time_candidates": st.sampled_from([1, "no"]),
     "cache_dir": st.sampled_from([1, "", b"dir"]),
     "on_stale": st.sampled_from(["ignore", True, None]),
     "strict": st.sampled_from([0, "yes"]),
