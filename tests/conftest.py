@@ -14,7 +14,9 @@ def _fresh_structfx_state():
     import sys
 
     if "structfx" in sys.modules:
-        from structfx import backend, report
+        import importlib
 
-        backend.DEFAULT_STORE.clear()
-        report.clear_reports()
+        # The modules, not the package's attributes: ``structfx.backend`` is also the name of
+        # the backend function the package exports, which shadows the module.
+        importlib.import_module("structfx.backend").DEFAULT_STORE.clear()
+        importlib.import_module("structfx.report").clear_reports()
