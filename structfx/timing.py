@@ -26,6 +26,8 @@ from typing import Callable, Optional
 
 import torch
 
+_clock = time.perf_counter   # (tests replace it with a fake clock)
+
 
 def time_fn(fn: Callable[[], object], *, repeats: Optional[int] = None,
             budget_s: Optional[float] = None, min_repeats: int = 1, max_repeats: int = 1000,
@@ -46,7 +48,7 @@ def time_fn(fn: Callable[[], object], *, repeats: Optional[int] = None,
         return ms * 1e-3
     if repeats is None and budget_s is None:
         raise ValueError("time_fn: give repeats= or budget_s=")
-    clock = time.perf_counter
+    clock = _clock
     done = torch.cuda.synchronize if sync else (lambda: None)
     for _ in range(warmup):
         fn()
@@ -68,16 +70,17 @@ def time_fn(fn: Callable[[], object], *, repeats: Optional[int] = None,
     return min(times) if best else statistics.median(times)
 
 
-def time_alternating(fns: dict[str, Callable[[], object]], rounds: int, *, warmup: int = 0,
-                     keep: str = "median", **each) -> dict[str, float]:
+def time_alternating(fns: dict[str, Callable[[], object]], rounds: int, *,
+                     initial_warmup: int = 0, keep: str = "median", **each) -> dict[str, float]:
     """Seconds per call of each function in ``fns``, the functions taking turns for ``rounds``
-    rounds: each round times each function once with ``time_fn(fn, **each)``. ``warmup``:
-    untimed calls of each function before the first round. ``keep``: ``"median"`` of the
-    rounds' figures, or ``"min"`` (the best round: the one least disturbed by other load)."""
+    rounds: each round times each function once with ``time_fn(fn, **each)`` (its ``warmup``
+    is per round). ``initial_warmup``: untimed calls of each function before the first round.
+    ``keep``: the ``"median"`` of the rounds' figures, or the ``"min"`` (the best round: the
+    one least disturbed by other load)."""
     if keep not in ("median", "min"):
         raise ValueError(f"time_alternating: keep must be 'median' or 'min', got {keep!r}")
     for fn in fns.values():
-        for _ in range(warmup):
+        for _ in range(initial_warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
