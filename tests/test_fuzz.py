@@ -19,14 +19,12 @@ from torch import nn
 import structfx
 from structfx import Config
 
+from conftest import rel
+
 # STRUCTFX_FUZZ_EXAMPLES=200 for a longer campaign than CI's.
 FUZZ = settings(max_examples=int(os.environ.get("STRUCTFX_FUZZ_EXAMPLES", 5)), deadline=None,
                 database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 # ----------------------------------------------------------------------------- models

@@ -11,6 +11,8 @@ import structfx
 from structfx import Config
 from structfx.passes.store import NOT_DECISIONS, FactorStore, decision_settings
 
+from conftest import mlp as _mlp
+
 CFG = Config(params=0.5, min_params=1024, progress=False, steps=20, estimate_steps=3,
              force=True, device="H100 SXM")
 
@@ -35,8 +37,7 @@ def test_every_decision_field_changes_the_decision_key():
 
 
 def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    return _mlp(64, 128, 64, seed=seed, act=nn.ReLU)
 
 
 def test_compress_store_reuses_decisions_and_live_factors():
