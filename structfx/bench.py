@@ -6,13 +6,13 @@ For each shape ``n x m`` (in_features x out_features; the dense weight is ``(m, 
 count ``T``, one process on the current device (CUDA if available, else CPU) times:
 
 - dense ``F.linear``;
-- low rank: two ``F.linear`` at the rank of structfx's ``"lowrank"`` at ``rho``,
-  ``r = floor(rho m n / (m + n + 1))`` (BLAST at b = 1, whose ``S`` is the ``+ 1``);
+- low rank at equal parameters: two ``F.linear``, ``r = floor(rho m n / (m + n))`` (its
+  ``r (m + n)`` parameters: structfx's ``"lowrank"`` is BLAST at b = 1, whose ``S`` adds ``r``);
 - BLAST via ``torch.ops.structfx.blast_linear`` for each ``b`` in ``--blocks``,
   ``r = floor(rho m n / (m + n + b^2))``; the table shows the fastest ``b``;
 - SS1 via ``torch.ops.structfx.ss1_linear`` at ``c = round(1 / rho)``, default block sizes
-  (ranks: ``blast_rank_for_params``, as the cost model turns ``Config.rank_fractions`` into
-  ranks; the compression: ``ss1_compression_for_params``);
+  (BLAST ranks: ``blast_rank_for_params``, as the cost model turns ``Config.rank_fractions``
+  into ranks; the compression: ``ss1_compression_for_params``);
 - on CUDA (or with ``--compiled-ref``), ``torch.compile`` of the plain bmm BLAST
   (``blast_forward_torch``) at the ``b`` the op was fastest with: what a user gets without
   structfx's kernels.
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -134,6 +135,12 @@ def randn(*shape, scale: float, device, dtype) -> torch.Tensor:
     return (torch.randn(*shape, device=device) * scale).to(dtype)
 
 
+def lowrank_rank(m: int, n: int, rho: float) -> int:
+    """Rank of a two-``F.linear`` low rank (``r (m + n)`` parameters, no ``S``) keeping ``rho`` of
+    the dense parameters; ``blast_rank_for_params`` counts BLAST's ``S`` too."""
+    return max(1, math.floor(rho * m * n / (m + n)))
+
+
 def bench_cell(n: int, m: int, T: int, args, device, dtype, notes: list[str]) -> Cell:
     rho, budget = args.params, args.budget
     mk = lambda *s, fan: randn(*s, scale=fan ** -0.5, device=device, dtype=dtype)  # noqa: E731
@@ -145,7 +152,7 @@ def bench_cell(n: int, m: int, T: int, args, device, dtype, notes: list[str]) ->
     cell.dense_ms = measure(lambda: F.linear(x, W), device, budget, f"{label} dense", notes)
     del W
 
-    r = blast_rank_for_params(m, n, (1, 1), rho)
+    r = lowrank_rank(m, n, rho)
     A, B = mk(r, n, fan=n), mk(m, r, fan=r)
     cell.lowrank_rank = r
     cell.lowrank_ms = measure(lambda: F.linear(F.linear(x, A), B), device, budget,
@@ -266,7 +273,7 @@ def ops(args) -> dict:
 
     print(table(cells, args))
     print(f"ratio = dense ms / structured ms (> 1: faster than dense). "
-          f"low-rank r = floor(rho*m*n/(m+n+1)); BLAST r = floor(rho*m*n/(m+n+b*b)), "
+          f"low-rank r = floor(rho*m*n/(m+n)); BLAST r = floor(rho*m*n/(m+n+b*b)), "
           f"fastest b of {args.blocks}; SS1 c = {ss1_compression_for_params(args.params)}.")
     if args.compiled_ref:
         print("compiled ref: torch.compile of the bmm BLAST (blast_forward_torch) at the op's "
