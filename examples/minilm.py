@@ -26,7 +26,6 @@ import argparse
 import math
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from torch import nn
 
 import structfx
 from structfx.bench import ort_session
+from structfx.timing import time_alternating
 
 DATA = Path(__file__).resolve().parent / "data"
 BATCH = 32
@@ -127,18 +127,12 @@ def cosines(model: nn.Module, batches: list[tuple], reference: torch.Tensor) -> 
 
 # ----------------------------------------------------------------------------- timing
 def paired_speedup(dense, small, args: tuple, repeats: int) -> float:
-    """``median(dense) / median(small)``, the two timed alternately so that load from other
-    processes hits both alike."""
-    times = {"dense": [], "small": []}
+    """``median(dense) / median(small)``, the two timed alternately (one call each per round,
+    after one warm-up call each) so that load from other processes hits both alike."""
     with torch.no_grad():
-        for fn in (dense, small):
-            fn(*args)
-        for _ in range(repeats):
-            for key, fn in (("dense", dense), ("small", small)):
-                t0 = time.perf_counter()
-                fn(*args)
-                times[key].append(time.perf_counter() - t0)
-    return statistics.median(times["dense"]) / statistics.median(times["small"])
+        t = time_alternating({"dense": lambda: dense(*args), "small": lambda: small(*args)},
+                             repeats, initial_warmup=1, keep="median", repeats=1, warmup=0)
+    return t["dense"] / t["small"]
 
 
 class OnnxTimer:

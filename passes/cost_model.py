@@ -21,26 +21,29 @@ What each op's kernels compute and move follows its implementation: ``kernels/bl
 (CUDA: stage 1, then mix + stage 3 fused), ``kernels/blast_torch.py`` (CPU: 2 bmm + a mixing
 loop), the fused SS1 Triton kernel and ``kernels/ss1_torch.py`` (CPU: gather + bmm).
 
-``CostModel(profile, measure=True)`` replaces the predicted times by timings of the real ops on
-the current device (FLOPs and bytes stay the model's).
+``CostModel(profile, time_candidates=True)`` replaces the predicted times by timings of the real
+ops on the current device (FLOPs and bytes stay the model's).
+
+The device figures (``DeviceProfile``, the GPU table, the CPU microbenchmark) are in
+``passes/device.py``; which candidates select is offered (``Config.force``) is decided in
+``passes/select.py``.
 """
 from __future__ import annotations
 
-import functools
-import glob
 import itertools
 import math
-import re
-import statistics
-import time
 from dataclasses import dataclass, replace
-from typing import Callable, Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..kernels import ops as _ops  # registers torch.ops.structfx.*; the FLOP formulas
 from ..kernels import ss1_hash, ss1_torch
+from ..layers import BlastLinear, SS1Linear
+from ..timing import time_fn
+from .device import (CPU_BMM_STREAM, DEVICE_TABLE, DeviceProfile,  # noqa: F401  (re-exported)
+                     cpu_profile, device_profile, last_level_cache_bytes)
 from .factorize_blast import blast_rank_for_params
 
 
@@ -58,168 +61,47 @@ class Candidate:
     time_s: float                       # predicted (or measured) seconds for one forward
     measured: bool = False
 
+    @property
+    def kind(self) -> str:
+        """``"dense"``, ``"blast"``, ``"lowrank"`` (BLAST at blocks (1, 1)) or ``"ss1"``."""
+        return structure_label(self.structure, self.blocks, self.rank, self.compression)[0]
+
+    @property
+    def settings(self) -> str:
+        """``"b=4 r=94"``, ``"r=94"`` (low rank), ``"c=2"`` (SS1), ``""`` (dense)."""
+        return structure_label(self.structure, self.blocks, self.rank, self.compression)[1]
+
     def describe(self) -> str:
-        if self.structure == "ss1":
-            return f"ss1 c={self.compression}"
-        if self.structure == "blast":
-            b1, b2 = self.blocks
-            if (b1, b2) == (1, 1):
-                return f"lowrank r={self.rank}"
-            return f"blast b={b1 if b1 == b2 else f'{b1}x{b2}'} r={self.rank}"
-        return self.structure
+        """``"blast b=4 r=94"``, ``"lowrank r=94"``, ``"ss1 c=2"`` or ``"dense"``."""
+        return f"{self.kind} {self.settings}".rstrip()
 
 
-@dataclass(frozen=True)
-class DeviceProfile:
-    """What the roofline needs to know about a device.
-
-    ``peak_flops`` maps dtype names (``"bfloat16"``, ``"float32"``, ...) to FLOP/s of large
-    dense GEMMs; ``bandwidth`` is main-memory bytes/s; ``kernel_overhead_s`` the fixed cost of
-    one kernel launch (GPU) or one eager op (CPU); ``call_overhead_s`` the fixed host cost of one
-    structfx op call on top of its kernels (its Python dispatch and argument checks: real on
-    CPU, hidden on GPU by CUDA graphs / compiled launches, so 0 in the table). ``gemm_knee`` /
-    ``gemm_floor`` shape the small-GEMM efficiency (module docstring); ``vector_flops`` is the
-    rate of work done off the tensor cores (BLAST's mixing on CUDA).
-    """
-
-    name: str
-    peak_flops: dict[str, float]
-    bandwidth: float
-    kernel_overhead_s: float
-    kind: str = "cuda"                  # "cuda" | "cpu": picks which implementation is modelled
-    call_overhead_s: float = 0.0
-    gemm_knee: int = 128                # tensor-core tiles are 64-128 wide
-    gemm_floor: float = 0.0
-    vector_flops: float = 0.0           # FLOP/s off the tensor cores (fp32 CUDA cores)
-    gemm_eff_rule: str = "product"      # "product" of per-dimension factors, or "min" (CPU)
+def structure_label(structure: str, blocks: Optional[tuple[int, int]] = None,
+                    rank: Optional[int] = None,
+                    compression: Optional[int] = None) -> tuple[str, str]:
+    """``(kind, settings)`` naming a structure as the report, the progress bars and the cache
+    keys show it: ``("blast", "b=4 r=94")``, ``("blast", "b=2x4 r=8")``, ``("lowrank",
+    "r=94")`` (BLAST at blocks (1, 1)), ``("ss1", "c=2")``, ``("dense", "")``."""
+    if structure == "blast":
+        b1, b2 = blocks
+        if (b1, b2) == (1, 1):
+            return "lowrank", f"r={rank}"
+        return "blast", f"b={b1 if b1 == b2 else f'{b1}x{b2}'} r={rank}"
+    if structure == "ss1":
+        return "ss1", f"c={compression}"
+    return structure, ""
 
 
-# Datasheet figures (dense, no sparsity; "float32" is TF32 on tensor cores). Real GEMMs reach
-# 60-80% of them; as the model compares structures on one device, the ratios are what matter.
-# Launch overhead: the gap between back-to-back kernels in a CUDA graph / compiled program.
-_GPU_LAUNCH_S = 2e-6
-
-
-def _gpu(name: str, half: float, tf32: float, fp64: float, bandwidth: float,
-         cuda_cores: float) -> DeviceProfile:
-    return DeviceProfile(name, {"bfloat16": half, "float16": half, "float32": tf32,
-                                "float64": fp64}, bandwidth, _GPU_LAUNCH_S,
-                         vector_flops=cuda_cores)
-
-
-DEVICE_TABLE: dict[str, DeviceProfile] = {p.name: p for p in (
-    #    name         bf16/fp16  tf32     fp64     memory B/s  fp32 CUDA cores
-    _gpu("H100 SXM",  989e12,    495e12,  67e12,   3.35e12,    67e12),
-    _gpu("H200",      989e12,    495e12,  67e12,   4.8e12,     67e12),
-    _gpu("A100 80GB", 312e12,    156e12,  19.5e12, 2.039e12,   19.5e12),
-    _gpu("L4",        121e12,    60e12,   0.49e12, 300e9,      30.3e12),
-    # A10G (AWS) is a cut-down A10; NVIDIA publishes less for it, these are the usual figures.
-    _gpu("A10G",      70e12,     35e12,   0.98e12, 600e9,      31.2e12),
-    _gpu("RTX 4090",  165e12,    82.6e12, 1.29e12, 1008e9,     82.6e12),
-)}
-# Words of torch.cuda.get_device_name() -> table entry (PCIe / NVL parts are slower than the
-# SXM figures; close enough to rank structures).
-_NAME_KEYS = (("h200", "H200"), ("h100", "H100 SXM"), ("a100", "A100 80GB"),
-              ("a10g", "A10G"), ("4090", "RTX 4090"), ("l4", "L4"))
-
-# CPU constants, fitted on a 2-vCPU AMD EPYC (Zen 3) VM against F.linear vs blast_linear
-# timings (fp32, n = m = 1024 / 2048, T = 1..256, b = 1..16 at 50% params; weights cold; mean
-# |log(predicted / measured speedup)| 0.09), then refitted with small layers added (256..3072
-# wide, r = 62..512, T = 64..512: mean error 0.30 -> 0.09): a CPU GEMM runs at the pace of
-# its smallest dimension (BLAST's r ~ 60 stages are what lose at 256 wide), reaching full
-# speed at ~128 and never dropping below ~15% (vector units busy on the weight stream); bmm
-# at small T streams its weights at about half the bandwidth F.linear's GEMV path reaches
-# (measured 11 vs 17 GB/s at T = 1).
-_CPU_KNEE, _CPU_FLOOR = 128, 0.15
-_CPU_BMM_STREAM = 0.5
-
-
-def _best_time(fn: Callable[[], object], reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_profile() -> DeviceProfile:
-    """Measure this CPU once per process (~0.5 s): best of a few runs, since a shared machine
-    only ever slows a run down."""
-    peak = {}
-    # Half-precision matmuls fall onto slow paths on CPUs without bf16/fp16 units (100x here):
-    # measure them small so this stays fast.
-    for dtype, size in ((torch.float32, 768), (torch.float64, 512),
-                        (torch.bfloat16, 192), (torch.float16, 192)):
-        a = torch.randn(size, size, dtype=dtype)
-        peak[str(dtype).removeprefix("torch.")] = 2 * size ** 3 / _best_time(lambda: a @ a, 3)
-    src = torch.empty(1 << 23)          # 32 MB each way: past the caches
-    dst = torch.empty_like(src)
-    bandwidth = 2 * src.nbytes / _best_time(lambda: dst.copy_(src), 4)
-    one = torch.ones(1)
-    overhead = _best_time(lambda: torch.add(one, one), 200)
-    # One tiny structfx op: everything but its 3 eager ops is the per-call host cost. (The
-    # first op call imports torch._dynamo, ~2 s, once per process.)
-    x, U, S, V = torch.ones(1, 8), torch.ones(1, 8, 1), torch.ones(1, 1, 1), torch.ones(1, 8, 1)
-    call = _best_time(lambda: torch.ops.structfx.blast_linear(x, U, S, V, None, 8), 50)
-    call -= 3 * overhead
-    return DeviceProfile("cpu", peak, bandwidth, overhead, kind="cpu",
-                         call_overhead_s=max(call, 0.0), gemm_knee=_CPU_KNEE,
-                         gemm_floor=_CPU_FLOOR, gemm_eff_rule="min")
-
-
-def _last_level_cache_bytes() -> int:
-    """Size of the largest CPU cache (Linux sysfs), 8 MB where it can't be read."""
-    sizes = []
-    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-        try:
-            text = open(path).read().strip().upper()
-            sizes.append(int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1], 0))
-        except (OSError, ValueError, IndexError):
-            pass
-    return max(sizes, default=8 << 20)
-
-
-def _match_table(name: str) -> Optional[DeviceProfile]:
-    for entry in DEVICE_TABLE:
-        if entry.lower() == name.lower():
-            return DEVICE_TABLE[entry]
-    # Whole words only: "L4" must not match "L40S".
-    words = set(re.split(r"[\s\-_]+", name.lower()))
-    for key, entry in _NAME_KEYS:
-        if key in words:
-            return DEVICE_TABLE[entry]
-    return None
-
-
-def device_profile(device: Union[str, torch.device, None] = None) -> DeviceProfile:
-    """Profile for a device: a table name (``"H100 SXM"``, ``"h100"``, a CUDA device name),
-    ``"cpu"``, ``"cuda[:i]"`` / a ``torch.device``, or None for the current device (CUDA if
-    available, matched to the table by name; else this CPU, measured)."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if isinstance(device, str):
-        found = _match_table(device)
-        if found is not None:
-            return found
-        try:
-            device = torch.device(device)
-        except RuntimeError:
-            raise ValueError(f"unknown device {device!r}; known: 'cpu', 'cuda', "
-                             f"{sorted(DEVICE_TABLE)}") from None
-    if device.type == "cpu":
-        return cpu_profile()
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        found = _match_table(name)
-        if found is None:
-            raise ValueError(f"no cost profile for GPU {name!r}; name the closest one with "
-                             f"Config(device=...) from {sorted(DEVICE_TABLE)}, or use "
-                             f"Config(measure=True) to time the candidates")
-        return found
-    raise ValueError(f"no cost profile for device type {device.type!r}")
+def describe_layer(layer) -> str:
+    """``Candidate.describe()`` of a built ``BlastLinear`` / ``SS1Linear`` (``"dense"`` for
+    anything else): the same label for the module as for the candidate it was built from."""
+    if isinstance(layer, BlastLinear):
+        kind, settings = structure_label("blast", tuple(layer.blocks), layer.rank)
+    elif isinstance(layer, SS1Linear):
+        kind, settings = structure_label("ss1", compression=layer.compression)
+    else:
+        kind, settings = structure_label("dense")
+    return f"{kind} {settings}".rstrip()
 
 
 @dataclass(frozen=True)
@@ -239,19 +121,15 @@ class CostModel:
     rows), with exact params / FLOPs and a roofline time (module docstring)."""
 
     def __init__(self, profile: DeviceProfile, dtype: torch.dtype = torch.float32,
-                 measure: bool = False):
+                 time_candidates: bool = False):
         name = str(dtype).removeprefix("torch.")
         if name not in profile.peak_flops:
             raise ValueError(f"device profile {profile.name!r} has no peak FLOP/s for {name}; "
                              f"it has {sorted(profile.peak_flops)}")
-        self.profile, self.dtype, self.measure = profile, dtype, measure
+        self.profile, self.dtype, self.time_candidates = profile, dtype, time_candidates
         self.peak = profile.peak_flops[name]
         self.itemsize = dtype.itemsize
         self._dense_time: dict[tuple[int, int, int], float] = {}
-
-    @classmethod
-    def from_config(cls, config, dtype: torch.dtype = torch.float32) -> "CostModel":
-        return cls(device_profile(config.device), dtype, measure=config.measure)
 
     # ------------------------------------------------------------------ the roofline
     def _eff(self, *dims: int) -> float:
@@ -285,7 +163,7 @@ class CostModel:
         kernels = [_Kernel(2 * T * m * n, e * (m * n + T * n + T * m), self._eff(T, m, n))]
         c = self._candidate(kernels, structure="dense", blocks=None, rank=None, compression=None,
                             params=m * n, flops=2 * T * m * n)
-        return self._measured(c, m, n, tokens) if self.measure else c
+        return self._measured(c, m, n, tokens) if self.time_candidates else c
 
     def blast(self, m: int, n: int, tokens: int, blocks: tuple[int, int], rank: int) -> Candidate:
         """BLAST with ``blocks = (b1, b2)`` and rank ``r``; ``(1, 1)`` is low rank."""
@@ -305,7 +183,7 @@ class CostModel:
             ]
         else:
             kernels = [_Kernel(2 * T * b2 * q * r, x + V + z, self._eff(T, q, r),
-                               stream=_CPU_BMM_STREAM)]
+                               stream=CPU_BMM_STREAM)]
             if b2 == 1:
                 # w = S * z: one broadcast multiply, z read and w written.
                 kernels.append(_Kernel(0, S + z + w))
@@ -318,13 +196,13 @@ class CostModel:
                 kernels.append(_Kernel(0, S + slab + w, ops=3))
                 kernels += [_Kernel(0, 2 * w + slab, ops=3)] * (b2 - 1)
             kernels.append(_Kernel(2 * T * b1 * p * r, w + U + e * T * b1 * p, self._eff(T, r, p),
-                                   stream=_CPU_BMM_STREAM))
+                                   stream=CPU_BMM_STREAM))
             if b1 > 1:
                 kernels.append(_Kernel(0, 2 * y))   # (b1, T, p) -> (T, m): a transposing copy
         c = self._candidate(kernels, structure="blast", blocks=(b1, b2), rank=r,
                             compression=None, params=blast_params(m, n, blocks, r),
                             flops=_ops.blast_flops((T, n), (b1, p, r), (b1, b2, r), (b2, q, r)))
-        return self._measured(c, m, n, tokens) if self.measure else c
+        return self._measured(c, m, n, tokens) if self.time_candidates else c
 
     def ss1(self, m: int, n: int, tokens: int, compression: int, block_k: int = 32,
             block_n: int = 64) -> Candidate:
@@ -348,20 +226,20 @@ class CostModel:
                 *[_Kernel(0, 5 * sketch, ops=2 * g)] * (c - 1),
                 # One bmm per group: sketch and P in, (g, T, BN) out.
                 _Kernel(2 * T * nb * block_n * K_red, sketch + P + y, self._eff(T, block_n, K_red),
-                        ops=g, stream=_CPU_BMM_STREAM),
+                        ops=g, stream=CPU_BMM_STREAM),
                 _Kernel(0, 4 * y, ops=2 * g),             # (g, T, BN) -> (T, g*BN) -> into y
             ]
         c_ = self._candidate(kernels, structure="ss1", blocks=None, rank=None, compression=c,
                              params=N * K_red, flops=flops)
-        return self._measured(c_, m, n, tokens, block_k, block_n) if self.measure else c_
+        return self._measured(c_, m, n, tokens, block_k, block_n) if self.time_candidates else c_
 
     # ------------------------------------------------------------------ the grid
     def candidates(self, m: int, n: int, tokens: int, config) -> list[Candidate]:
         """Dense first, then the structures ``config`` asks for: BLAST ``blocks x
         rank_fractions`` (``"blast"``), ranks at blocks (1, 1) (``"lowrank"``), SS1
-        ``compressions`` (``"ss1"``), or all of them (``"auto"``). Structures that don't save
-        parameters are dropped, and, unless ``config.force``, those predicted (or measured) to be
-        no faster than dense."""
+        ``compressions`` (``"ss1"``), or all of them (``"auto"``), each priced (or timed).
+        Structures that don't save parameters are dropped; which of the rest select is offered
+        (``config.force``) is ``select.candidate_grid``'s business."""
         dense = self.dense(m, n, tokens)
         grid: list[tuple[int, int]] = []
         if config.structure in ("blast", "auto"):
@@ -383,8 +261,7 @@ class CostModel:
                 if m * ss1_hash.reduced_k(n, spec[1]) >= dense.params:
                     continue
                 cand = self.ss1(m, n, tokens, spec[1])
-            if config.force or cand.time_s < dense.time_s:
-                out.append(cand)
+            out.append(cand)
         return out
 
     # ------------------------------------------------------------------ measuring
@@ -418,9 +295,13 @@ class CostModel:
         copies = 1
         if dev.type == "cpu":
             size = sum(math.prod(s) for s in shapes) * self.itemsize
-            copies = max(1, min(64, -(-2 * _last_level_cache_bytes() // size)))
+            copies = max(1, min(64, -(-2 * last_level_cache_bytes() // size)))
         weights = itertools.cycle([[rand(*s) for s in shapes] for _ in range(copies)])
-        t = _median_time(lambda: op(x, *next(weights)), dev)
+        # Medians; on CPU a few runs, fewer when each is long (a big layer at a big token
+        # count takes seconds): as many as fit in 0.2 s, 3 to 15, after two warm-up calls
+        # (caches, allocator, oneDNN primitives).
+        t = time_fn(lambda: op(x, *next(weights)), flush_l2=dev.type == "cuda", warmup=2,
+                    budget_s=0.2, min_repeats=3, max_repeats=15)
         if cand.structure == "dense":
             self._dense_time[m, n, tokens] = t
         return replace(cand, time_s=t, measured=True)
@@ -436,22 +317,3 @@ def blast_params(m: int, n: int, blocks: tuple[int, int], rank: int) -> int:
     b1, b2 = blocks
     return rank * (b1 * -(-m // b1) + b2 * -(-n // b2) + b1 * b2)
 
-
-def _median_time(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        import triton.testing
-
-        # do_bench flushes L2 between runs: small structured weights would otherwise stay
-        # cached and overstate the gain at decode sizes.
-        return triton.testing.do_bench(fn, return_mode="median") * 1e-3
-    fn()                                        # warm-up: caches, allocator, oneDNN primitives
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    # A few runs, fewer when each is long (a big layer at a big token count takes seconds).
-    times = []
-    for _ in range(max(3, min(15, int(0.2 / max(first, 1e-6))))):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)

@@ -1,4 +1,5 @@
-"""Select pass: one option per layer that meets the budget with the least weight error.
+"""Select pass: which candidates each layer is offered (``candidate_grid``), and one option per
+layer that meets the budget with the least weight error (``select``).
 
 A multiple-choice knapsack, solved exactly as a small MILP (``scipy.optimize.milp``, HiGHS):
 binary ``x[l, k]`` (layer ``l`` takes option ``k``), ``sum_k x[l, k] = 1`` per layer, the
@@ -38,6 +39,21 @@ def _quiet_stdout():
         os.close(saved)
 
 
+def candidate_grid(model, m: int, n: int, tokens: int, config) -> list:
+    """The candidates one Linear site (``m`` out, ``n`` in, ``tokens`` rows) is offered: dense
+    first, then those of ``model.candidates`` (a ``CostModel``: the structures ``config`` asks
+    for that save parameters) predicted, or timed, faster than dense; all of them with
+    ``config.force``."""
+    return faster_than_dense(model.candidates(m, n, tokens, config), config.force)
+
+
+def faster_than_dense(candidates: Sequence, force: bool = False) -> list:
+    """``candidates[0]`` (dense) and those of the rest whose ``time_s`` beats it; every one
+    with ``force``."""
+    dense, *rest = candidates
+    return [dense] + [c for c in rest if force or c.time_s < dense.time_s]
+
+
 @dataclass(frozen=True)
 class Option:
     """One way to run a layer. Option 0 of every layer is dense: the layer's own params and
@@ -59,7 +75,6 @@ class Selection:
     flops: int
     dense_params: int
     dense_flops: int
-    status: str
 
 
 def select(layers: Sequence[Sequence[Option]], *, params: Optional[float] = None,
@@ -100,7 +115,7 @@ def select(layers: Sequence[Sequence[Option]], *, params: Optional[float] = None
         return Selection(choice, sum(opts[0].params * o.error ** 2 for opts, o in
                                      zip(layers, picked)),
                          sum(o.params for o in picked), sum(o.flops for o in picked),
-                         dense_params, dense_flops, "optimal")
+                         dense_params, dense_flops)
 
     if params is None and flops is None:
         return result([min(ks, key=lambda k: (opts[k].params, opts[k].error))

@@ -6,10 +6,13 @@ For each shape ``n x m`` (in_features x out_features; the dense weight is ``(m, 
 count ``T``, one process on the current device (CUDA if available, else CPU) times:
 
 - dense ``F.linear``;
-- low rank at equal parameters: two ``F.linear``, ``r = floor(rho m n / (m + n))``;
+- low rank at equal parameters: two ``F.linear``, ``r = floor(rho m n / (m + n))`` (its
+  ``r (m + n)`` parameters: structfx's ``"lowrank"`` is BLAST at b = 1, whose ``S`` adds ``r``);
 - BLAST via ``torch.ops.structfx.blast_linear`` for each ``b`` in ``--blocks``,
   ``r = floor(rho m n / (m + n + b^2))``; the table shows the fastest ``b``;
-- SS1 via ``torch.ops.structfx.ss1_linear`` at ``c = round(1 / rho)``, default block sizes;
+- SS1 via ``torch.ops.structfx.ss1_linear`` at ``c = round(1 / rho)``, default block sizes
+  (BLAST ranks: ``blast_rank_for_params``, as the cost model turns ``Config.rank_fractions``
+  into ranks; the compression: ``ss1_compression_for_params``);
 - on CUDA (or with ``--compiled-ref``), ``torch.compile`` of the plain bmm BLAST
   (``blast_forward_torch``) at the ``b`` the op was fastest with: what a user gets without
   structfx's kernels.
@@ -36,7 +39,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,6 +50,10 @@ from tabulate import tabulate
 
 from structfx.kernels import ss1_hash
 from structfx.kernels.blast_torch import blast_forward_torch
+from structfx.passes.factorize_blast import blast_rank_for_params
+from structfx.passes.project_ss1 import ss1_compression_for_params
+from structfx.timing import time_alternating as _time_alternating
+from structfx.timing import time_fn
 
 MEMORY_FRACTION = 0.25  # skip a cell whose x + y + weights exceed this share of device memory
 
@@ -102,23 +108,15 @@ def parse_dtype(name: str, device: torch.device) -> torch.dtype:
 
 # ----------------------------------------------------------------------------- timing
 def time_cpu(fn: Callable[[], object], budget_s: float, min_reps: int = 5) -> float:
-    """Median ms after one warm-up call, over repeats until ``budget_s`` is spent (5..1000).
-
-    A time budget rather than a fixed count: cheap calls get many samples, so a few that lose
-    the CPU to another process do not move the median."""
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 1000 and (len(times) < min_reps or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    """Median ms after one warm-up call, over repeats until ``budget_s`` is spent (5..1000):
+    cheap calls get many samples, so a few that lose the CPU to another process do not move
+    the median."""
+    return 1e3 * time_fn(fn, budget_s=budget_s, min_repeats=min_reps, max_repeats=1000)
 
 
 def time_cuda(fn: Callable[[], object]) -> float:
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    """Median ms of ``triton.testing.do_bench`` (L2 flushed between runs)."""
+    return 1e3 * time_fn(fn, flush_l2=True)
 
 
 def measure(fn, device, budget_s, label: str, notes: list[str]) -> Optional[float]:
@@ -137,6 +135,12 @@ def randn(*shape, scale: float, device, dtype) -> torch.Tensor:
     return (torch.randn(*shape, device=device) * scale).to(dtype)
 
 
+def lowrank_rank(m: int, n: int, rho: float) -> int:
+    """Rank of a two-``F.linear`` low rank (``r (m + n)`` parameters, no ``S``) keeping ``rho`` of
+    the dense parameters; ``blast_rank_for_params`` counts BLAST's ``S`` too."""
+    return max(1, math.floor(rho * m * n / (m + n)))
+
+
 def bench_cell(n: int, m: int, T: int, args, device, dtype, notes: list[str]) -> Cell:
     rho, budget = args.params, args.budget
     mk = lambda *s, fan: randn(*s, scale=fan ** -0.5, device=device, dtype=dtype)  # noqa: E731
@@ -148,7 +152,7 @@ def bench_cell(n: int, m: int, T: int, args, device, dtype, notes: list[str]) ->
     cell.dense_ms = measure(lambda: F.linear(x, W), device, budget, f"{label} dense", notes)
     del W
 
-    r = max(1, math.floor(rho * m * n / (m + n)))
+    r = lowrank_rank(m, n, rho)
     A, B = mk(r, n, fan=n), mk(m, r, fan=r)
     cell.lowrank_rank = r
     cell.lowrank_ms = measure(lambda: F.linear(F.linear(x, A), B), device, budget,
@@ -159,7 +163,7 @@ def bench_cell(n: int, m: int, T: int, args, device, dtype, notes: list[str]) ->
     for b in args.blocks:
         if b > min(m, n):
             continue
-        r = max(1, math.floor(rho * m * n / (m + n + b * b)))
+        r = blast_rank_for_params(m, n, (b, b), rho)
         p, q = -(-m // b), -(-n // b)
         U, S, V = mk(b, p, r, fan=r), mk(b, b, r, fan=b), mk(b, q, r, fan=n)
         cell.blast_rank[b] = r
@@ -168,7 +172,7 @@ def bench_cell(n: int, m: int, T: int, args, device, dtype, notes: list[str]) ->
             f"{label} BLAST b={b}", notes)
         factors[b] = (U, S, V)
 
-    c = max(1, round(1 / rho))
+    c = ss1_compression_for_params(rho)
     P = mk(m, ss1_hash.reduced_k(n, c), fan=n)
     cell.ss1_compression = c
     cell.ss1_ms = measure(
@@ -270,7 +274,7 @@ def ops(args) -> dict:
     print(table(cells, args))
     print(f"ratio = dense ms / structured ms (> 1: faster than dense). "
           f"low-rank r = floor(rho*m*n/(m+n)); BLAST r = floor(rho*m*n/(m+n+b*b)), "
-          f"fastest b of {args.blocks}; SS1 c = {max(1, round(1 / args.params))}.")
+          f"fastest b of {args.blocks}; SS1 c = {ss1_compression_for_params(args.params)}.")
     if args.compiled_ref:
         print("compiled ref: torch.compile of the bmm BLAST (blast_forward_torch) at the op's "
               "fastest b.")
@@ -329,11 +333,9 @@ def time_alternating(fns: dict[str, Callable[[], object]], budget_s: float,
                      rounds: int = 3) -> dict[str, float]:
     """Median ms of each function, the functions taking turns over ``rounds`` (the lowest
     round's median is kept): load from other processes hits both, not just one."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(time_cpu(fn, budget_s / rounds))
-    return {k: min(v) for k, v in times.items()}
+    seconds = _time_alternating(fns, rounds, keep="min", budget_s=budget_s / rounds,
+                                min_repeats=5, max_repeats=1000)
+    return {k: 1e3 * t for k, t in seconds.items()}
 
 
 def onnx_bench(args) -> dict:

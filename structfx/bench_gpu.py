@@ -596,11 +596,10 @@ def step_env(run: Run, st: Step) -> None:
 # ----------------------------------------------------------------------------- step: ceilings
 def timer(run: Run, budget_s: float = 0.05) -> Callable[[Callable], float]:
     """Median ms: ``triton.testing.do_bench`` (L2 flushed) on CUDA, a CPU median otherwise."""
+    from structfx.timing import time_fn
     if run.dry:
-        from structfx.bench import time_cpu
-        return lambda fn: time_cpu(fn, budget_s, min_reps=3)
-    import triton.testing
-    return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return lambda fn: 1e3 * time_fn(fn, budget_s=budget_s, min_repeats=3)
+    return lambda fn: 1e3 * time_fn(fn, flush_l2=True)
 
 
 def step_ceilings(run: Run, st: Step) -> None:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -34,16 +36,15 @@ def _check_device(device) -> None:
         return
     if not isinstance(device, str) or not device:
         _bad("device", "a device name ('cpu', 'cuda', 'h100', ...) or None", device)
-    from .passes import cost_model
+    from .passes import device as devices
 
-    match = getattr(cost_model, "_match_table", None)
-    if match is not None and match(device) is not None:
+    if devices.match_table(device) is not None:
         return
     try:
         torch.device(device)
     except (RuntimeError, ValueError):
         _bad("device", f"'cpu', 'cuda[:i]' or a device-table name "
-             f"{sorted(getattr(cost_model, 'DEVICE_TABLE', {}))}", device)
+             f"{sorted(devices.DEVICE_TABLE)}", device)
 
 
 def _sequence(v) -> bool:
@@ -68,6 +69,11 @@ class Config:
 
     Structures: ``structure`` is ``"blast"``, ``"ss1"``, ``"lowrank"`` (BLAST with b = 1) or
     ``"auto"`` (any of them per layer); ``blocks`` / ``compressions`` are the grids tried.
+
+    ``time_candidates``: time every candidate on this device instead of predicting its time
+    with the roofline model (``compress(measure=True)`` is something else: it times the whole
+    model, dense and compressed). ``measure=`` is its former name, still accepted (with a
+    ``DeprecationWarning``) by ``Config(...)``, ``replace`` and ``from_options``.
     """
 
     structure: str = "blast"
@@ -85,7 +91,7 @@ class Config:
     estimate_steps: int = 15
     seed: int = 0
     device: Optional[str] = None          # device-table entry for the cost model; None: current
-    measure: bool = False                 # time candidates on the device instead of estimating
+    time_candidates: bool = False         # time candidates on the device instead of estimating
     cache_dir: Optional[str] = None       # on-disk factor cache (safetensors)
     on_stale: str = "refactorize"         # weight changed after compiling: "refactorize" | "raise"
     stale_check: str = "sample"           # how a change is seen: "version" | "sample" | "full"
@@ -133,7 +139,7 @@ class Config:
             _bad("rank_fractions", "a non-empty sequence of fractions in (0, 1] (the grid "
                  "tried, e.g. (0.25, 0.5))", v)
         object.__setattr__(self, "rank_fractions", tuple(float(f) for f in v))
-        for name in ("force", "measure", "strict", "report", "progress"):
+        for name in ("force", "time_candidates", "strict", "report", "progress"):
             if not isinstance(getattr(self, name), bool):
                 _bad(name, "True or False", getattr(self, name))
         if self.device is not None:
@@ -151,7 +157,7 @@ class Config:
     def from_options(cls, options: Optional[dict]) -> "Config":
         """Build from ``torch.compile(..., options={...})``: unknown keys are an error."""
         options = dict(options or {})
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} | {"measure"}  # measure: deprecated
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"unknown structfx option(s) {unknown}; known: {sorted(known)}")
@@ -159,3 +165,30 @@ class Config:
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
+
+
+# ``measure`` was ``time_candidates``' name; accepted (with a DeprecationWarning) for one release
+# by Config(...), Config.replace / dataclasses.replace and Config.from_options, and readable.
+_dataclass_init = Config.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init(self, *args, measure: Optional[bool] = None, **kwargs):
+    if measure is not None:
+        if not isinstance(measure, bool):
+            _bad("measure", "True or False (it is now Config.time_candidates)", measure)
+        warnings.warn("Config(measure=...) is now Config(time_candidates=...): it times the "
+                      "candidates (compress(measure=True) times the whole model); 'measure' "
+                      "will be removed", DeprecationWarning, stacklevel=2)
+        kwargs["time_candidates"] = measure   # given, the old name wins (replace passes both)
+    _dataclass_init(self, *args, **kwargs)
+
+
+def _measure(self: Config) -> bool:
+    warnings.warn("Config.measure is now Config.time_candidates; 'measure' will be removed",
+                  DeprecationWarning, stacklevel=2)
+    return self.time_candidates
+
+
+Config.__init__ = _init
+Config.measure = property(_measure, doc="Deprecated name of ``time_candidates``.")

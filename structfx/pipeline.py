@@ -26,7 +26,7 @@ from .passes.cost_model import Candidate, CostModel, device_profile
 from .passes.estimate import Estimate, estimate_candidates
 from .passes.factorize import Factorized, build_layer, layer_seed
 from .passes.match import LinearSite
-from .passes.select import Option, select
+from .passes.select import Option, candidate_grid, select
 from .passes.store import FactorStore, content_hash, decision_settings
 
 
@@ -121,7 +121,7 @@ def run(gm: fx.GraphModule, sites: list[LinearSite], config: Config, *,
     profile = device_profile(config.device)
     if dtype is None:
         dtype = active[0].weight.dtype if active else torch.float32
-    model = CostModel(profile, dtype=dtype, measure=config.measure)
+    model = CostModel(profile, dtype=dtype, time_candidates=config.time_candidates)
     dense = {s.name: model.dense(s.out_features, s.in_features, s.tokens) for s in sites}
 
     decisions = _recall(active, dense, model, config, store)
@@ -192,7 +192,7 @@ def _recall(active, dense, model: CostModel, config: Config, store: FactorStore)
 
 def _decide(active, dense, model: CostModel, config: Config, store: FactorStore,
             rows: dict, reasons: dict, dist: "_Dist") -> dict[str, Decision]:
-    work = [(s, model.candidates(s.out_features, s.in_features, s.tokens, config))
+    work = [(s, candidate_grid(model, s.out_features, s.in_features, s.tokens, config))
             for s in active]
     todo = dist.share([w for w in work if len(w[1]) > 1],
                       lambda w: w[0].out_features * w[0].in_features * len(w[1]))
@@ -330,7 +330,7 @@ def make_report(decisions: list[Decision], layers: dict[str, Factorized], device
         timed = d.replaced and c.time_s > 0
         rows.append(LayerDecision(
             name=s.name, shape=(s.out_features, s.in_features), tokens=s.tokens,
-            dense_mflops=dn.flops / 1e6, structure=_structure(c), settings=_settings(c),
+            dense_mflops=dn.flops / 1e6, structure=c.kind, settings=c.settings,
             params=c.params, dense_params=dn.params,
             weight_error=f.weight_error if f else None,
             output_error=f.output_error if f else None,
@@ -345,16 +345,3 @@ def make_report(decisions: list[Decision], layers: dict[str, Factorized], device
                   structured_flops=structured_flops,
                   predicted_speedup=(dense_time / structured_time) if structured_time else None)
 
-
-def _structure(c: Candidate) -> str:
-    return "lowrank" if c.structure == "blast" and tuple(c.blocks) == (1, 1) else c.structure
-
-
-def _settings(c: Candidate) -> str:
-    if c.structure == "blast":
-        b1, b2 = c.blocks
-        b = f"b={b1}" if b1 == b2 else f"b={b1}x{b2}"
-        return f"r={c.rank}" if (b1, b2) == (1, 1) else f"{b} r={c.rank}"
-    if c.structure == "ss1":
-        return f"c={c.compression}"
-    return ""

@@ -13,7 +13,79 @@ def _fresh_structfx_state():
     yield
     import sys
 
-    backend = sys.modules.get("structfx.backend")   # (structfx.backend is also a function)
-    if backend is not None:
-        backend.DEFAULT_STORE.clear()
-        sys.modules["structfx.report"].clear_reports()
+    if "structfx" in sys.modules:
+        import importlib
+
+        # The modules, not the package's attributes: ``structfx.backend`` is also the name of
+        # the backend function the package exports, which shadows the module.
+        importlib.import_module("structfx.backend").DEFAULT_STORE.clear()
+        importlib.import_module("structfx.report").clear_reports()
+
+
+# ----------------------------------------------------------------------------- shared helpers
+# Plain functions the test files import (``from conftest import mlp, rel``): each file still
+# says which sizes it builds, and the builders are written once.
+def rel(a, b) -> float:
+    """Relative Frobenius error ``||a - b|| / ||b||`` in float64 (``b`` the reference)."""
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def snapshot(model) -> dict:
+    """A copy of ``model``'s state, to check later that nothing changed it."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_untouched(model, before: dict, *, types=None, training=None) -> None:
+    """``model``'s state equals ``before`` (a ``snapshot``) bit for bit; with ``types`` (the
+    list of its module types taken with the snapshot), no module was swapped; with
+    ``training`` (a bool), it is in that mode and no parameter holds a gradient."""
+    import torch
+
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+    if types is not None:
+        assert [type(m) for m in model.modules()] == types
+    if training is not None:
+        assert all(p.grad is None for p in model.parameters())
+        assert model.training == training
+
+
+def mlp(*widths: int, seed: int = 0, act=None):
+    """``Linear(widths[0], widths[1]), act, Linear(widths[1], widths[2]), ...`` (no activation
+    after the last), seeded, in eval mode. ``act``: the activation class (GELU)."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    act = act or nn.GELU
+    layers = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        layers += [nn.Linear(a, b)] + ([act()] if i < len(widths) - 2 else [])
+    return nn.Sequential(*layers).eval()
+
+
+def tiny_bert(vocab: int = 100, hidden: int = 128, layers: int = 2, intermediate: int = 256,
+              positions: int = 64):
+    """A seeded random-weight ``BertModel`` (2 heads, eager attention, no pooler), eval mode."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                  num_attention_heads=2, intermediate_size=intermediate,
+                                  max_position_embeddings=positions, attn_implementation="eager")
+    return transformers.BertModel(cfg, add_pooling_layer=False).eval()
+
+
+def tiny_gpt2(vocab: int = 100, hidden: int = 128, lm_head: bool = True):
+    """A seeded random-weight GPT-2 (2 layers, 2 heads, no cache, eager attention), eval mode:
+    ``GPT2LMHeadModel``, or ``GPT2Model`` without ``lm_head``."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=2, n_head=2,
+                                  n_positions=64, use_cache=False, attn_implementation="eager")
+    return (transformers.GPT2LMHeadModel if lm_head else transformers.GPT2Model)(cfg).eval()

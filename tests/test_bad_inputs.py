@@ -17,16 +17,14 @@ from kernels import ss1_hash
 from structfx import BlastLinear, Config, SS1Linear
 from structfx.passes import checks, rewrite, select as select_pass
 
+from conftest import rel
+
 # Small, fast: every layer is replaced (no budget but a loose max_error: each layer takes its
 # smallest option; force, no size floor), few factorization steps.
 CFG = Config(params=None, max_error=10.0, min_params=0, force=True, progress=False, steps=5,
              estimate_steps=2,
              blocks=(2,), rank_fractions=(0.25,), compressions=(2,), strict=True)
 STRUCTURED = (BlastLinear, SS1Linear)
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 def compiled(model, cfg=CFG):

@@ -9,47 +9,18 @@ import structfx
 from structfx import BlastLinear, Config, SS1Linear
 from structfx.passes.store import FactorStore
 
+from conftest import assert_untouched, rel, snapshot, tiny_bert, tiny_gpt2
+from conftest import mlp as _mlp
+
 transformers = pytest.importorskip("transformers")
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128), nn.GELU(),
-                         nn.Linear(128, 64)).eval()
-
-
-def tiny_bert():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=128, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=256,
-                                  max_position_embeddings=64, attn_implementation="eager")
-    return transformers.BertModel(cfg, add_pooling_layer=False).eval()
-
-
-def tiny_gpt2():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=100, n_embd=128, n_layer=2, n_head=2, n_positions=64,
-                                  use_cache=False, attn_implementation="eager")
-    return transformers.GPT2LMHeadModel(cfg).eval()
+    return _mlp(128, 256, 128, 64, seed=seed)
 
 
 CFG = Config(params=0.5, min_params=4096, progress=False, steps=30, estimate_steps=5,
              force=True, blocks=(1, 2, 4), rank_fractions=(0.25, 0.375, 0.5))
-
-
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_untouched(model, before):
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for k in before:
-        assert torch.equal(after[k], before[k]), k
 
 
 def compile_with(model, cfg=CFG):
@@ -336,10 +307,10 @@ def test_symbolic_trace_graph_is_matched_by_call_module():
     assert isinstance(traced.get_submodule("0"), nn.Linear)  # the traced input is untouched
 
 
-def test_measure_option_times_candidates_and_the_model():
+def test_time_candidates_times_the_candidates_and_measure_the_model():
     model = mlp()
     x = torch.randn(16, 128)
-    structfx.compress(model, (x,), CFG.replace(measure=True, blocks=(2,),
+    structfx.compress(model, (x,), CFG.replace(time_candidates=True, blocks=(2,),
                                                rank_fractions=(0.375,)), measure=True)
     rep = structfx.last_report()
     assert rep.replaced

@@ -1,12 +1,15 @@
 """CostModel: exact sizes, the structure of the roofline, the candidate grid. No timing asserts."""
+import math
+
 import pytest
 import torch
 
 from structfx import BlastLinear, SS1Linear
 from structfx.config import Config
 from structfx.kernels import ops, ss1_hash
-from structfx.passes.cost_model import (DEVICE_TABLE, Candidate, CostModel, DeviceProfile,
-                                        blast_rank, cpu_profile, device_profile)
+from structfx.passes.cost_model import Candidate, CostModel, blast_rank, describe_layer
+from structfx.passes.device import DEVICE_TABLE, DeviceProfile, cpu_profile, device_profile
+from structfx.passes.select import candidate_grid
 
 H100 = DEVICE_TABLE["H100 SXM"]
 # A fixed CPU-like profile, so the CPU-path tests don't depend on this machine's load.
@@ -14,11 +17,28 @@ CPU = DeviceProfile("test-cpu", {"float32": 1e11}, 2e10, 3e-6, kind="cpu",
                     call_overhead_s=5e-5, gemm_knee=32, gemm_floor=0.15)
 
 
-def test_table_has_the_common_gpus():
-    for name in ("H100 SXM", "H200", "A100 80GB", "L4", "A10G", "RTX 4090"):
-        p = DEVICE_TABLE[name]
-        assert p.kind == "cuda" and p.bandwidth > 0 and p.kernel_overhead_s > 0
-        assert p.peak_flops["bfloat16"] >= p.peak_flops["float32"] > 0
+@pytest.mark.parametrize("name", ["H100 SXM", "H200", "A100 80GB", "L4", "A10G", "RTX 4090"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,n,T", [(4096, 4096, 1), (4096, 4096, 8192), (1024, 4096, 256)])
+def test_a_dense_gemm_is_the_roofline_worked_by_hand(name, dtype, m, n, T):
+    """One GEMM: the classic roofline of the table's figures, max(FLOPs / (peak * eff),
+    bytes / bandwidth) plus one launch, worked out here by hand; eff < 1 only for dimensions
+    under the tensor-core tile (T = 1 here)."""
+    p = device_profile(name)
+    assert p is DEVICE_TABLE[name] and p.kind == "cuda"
+    e = dtype.itemsize
+    flops = 2 * T * m * n
+    moved = e * (m * n + T * n + T * m)        # W, x and y each cross memory once
+    peak = p.peak_flops[str(dtype).removeprefix("torch.")]
+    eff = math.prod(min(1.0, max(p.gemm_floor, d / p.gemm_knee)) for d in (T, m, n))
+    assert eff == (1 / 128 if T == 1 else 1.0)
+    want = max(flops / (peak * eff), moved / p.bandwidth) + p.kernel_overhead_s
+    d = CostModel(p, dtype).dense(m, n, T)
+    assert (d.flops, d.bytes) == (flops, moved)
+    assert d.time_s == pytest.approx(want, rel=1e-12)
+    # A big prefill is compute bound at the datasheet peak, on every entry of the table.
+    if T == 8192:
+        assert d.time_s == pytest.approx(flops / peak + p.kernel_overhead_s, rel=1e-12)
 
 
 def test_device_profile_lookup():
@@ -63,12 +83,28 @@ def test_sizes_and_flops_are_exact(profile, m, n, T):
         assert c.flops == ops.ss1_flops((T, n), (m, K_red), 64)
 
 
-def test_describe():
-    cm = CostModel(H100, torch.bfloat16)
-    assert cm.blast(64, 64, 1, (4, 4), 96).describe() == "blast b=4 r=96"
-    assert cm.blast(64, 64, 1, (2, 4), 8).describe() == "blast b=2x4 r=8"
-    assert cm.blast(64, 64, 1, (1, 1), 128).describe() == "lowrank r=128"
-    assert cm.ss1(64, 64, 1, 2).describe() == "ss1 c=2"
+@pytest.mark.parametrize("blocks,rank,want", [((4, 4), 96, "blast b=4 r=96"),
+                                               ((2, 4), 8, "blast b=2x4 r=8"),
+                                               ((1, 1), 128, "lowrank r=128")])
+def test_a_blast_candidate_and_its_module_carry_one_label(blocks, rank, want):
+    """The label names the module the candidate builds: same label, same parameter count."""
+    c = CostModel(H100, torch.bfloat16).blast(64, 64, 1, blocks, rank)
+    layer = BlastLinear(64, 64, blocks, rank)
+    assert c.describe() == describe_layer(layer) == want
+    assert f"{c.kind} {c.settings}" == want
+    assert c.params == sum(p.numel() for p in layer.parameters() if p is not layer.bias)
+
+
+@pytest.mark.parametrize("comp", [2, 3, 8])
+def test_an_ss1_candidate_and_its_module_carry_one_label(comp):
+    c = CostModel(H100, torch.bfloat16).ss1(64, 96, 1, comp)
+    layer = SS1Linear(96, 64, comp)
+    assert c.describe() == describe_layer(layer) == f"ss1 c={comp}"
+    assert (c.kind, c.settings) == ("ss1", f"c={comp}")
+    assert c.params == layer.P.numel()
+    dense = CostModel(H100, torch.bfloat16).dense(64, 96, 1)
+    assert dense.describe() == describe_layer(torch.nn.Linear(96, 64)) == "dense"
+    assert (dense.kind, dense.settings) == ("dense", "")
 
 
 def test_gpu_bytes_charge_the_blast_intermediate():
@@ -156,15 +192,16 @@ def test_candidate_grid():
         assert ranks == {r for r in want if r * (m + n + b * b) < m * n}
     assert {c.compression for c in forced if c.structure == "ss1"} == {2, 3, 4, 8}
 
-    unforced = cm.candidates(m, n, T, Config(structure="auto"))
+    assert cm.candidates(m, n, T, Config(structure="auto")) == forced   # the policy is select's
+    unforced = candidate_grid(cm, m, n, T, Config(structure="auto"))
     assert unforced[0] == dense
     assert all(c.time_s < dense.time_s for c in unforced[1:])
     assert set(map(_key, unforced)) <= set(keys)
     assert [c for c in forced[1:] if c.time_s < dense.time_s] == unforced[1:]
     # On a GPU at decode, BLAST's second launch sinks a small layer: no BLAST survives.
     gpu = CostModel(H100, torch.bfloat16)
-    assert gpu.candidates(128, 128, 1, Config()) == [gpu.dense(128, 128, 1)]
-    assert len(gpu.candidates(128, 128, 1, Config(force=True))) > 1
+    assert candidate_grid(gpu, 128, 128, 1, Config()) == [gpu.dense(128, 128, 1)]
+    assert len(candidate_grid(gpu, 128, 128, 1, Config(force=True))) > 1
 
 
 def test_candidate_grid_per_structure():
@@ -184,7 +221,7 @@ def test_candidate_grid_per_structure():
 
 
 def test_measure_returns_measured_candidates():
-    cm = CostModel(CPU, measure=True)
+    cm = CostModel(CPU, time_candidates=True)
     cands = cm.candidates(96, 64, 4, Config(structure="auto", force=True, blocks=(1, 4),
                                             rank_fractions=(0.25,), compressions=(2,)))
     assert [c.describe() for c in cands] == ["dense", "lowrank r=9", "blast b=4 r=8",
@@ -192,6 +229,6 @@ def test_measure_returns_measured_candidates():
     for c in cands:
         assert c.measured and c.time_s > 0
         assert c.bytes > 0 and c.flops > 0
-    unforced = cm.candidates(96, 64, 4, Config(structure="auto", blocks=(1, 4),
-                                               rank_fractions=(0.25,), compressions=(2,)))
+    unforced = candidate_grid(cm, 96, 64, 4, Config(structure="auto", blocks=(1, 4),
+                                                    rank_fractions=(0.25,), compressions=(2,)))
     assert unforced[0].measured and all(c.time_s < unforced[0].time_s for c in unforced[1:])

@@ -13,14 +13,15 @@ from structfx import BlastLinear, Config, SS1Linear
 from structfx import DistillResult, distill
 from structfx.distillation import _Stats, _virtual_rows
 
+from conftest import assert_untouched, snapshot, tiny_bert
+from conftest import mlp as _mlp
+
 CFG = Config(params=0.5, min_params=1024, progress=False, steps=20, estimate_steps=3,
              force=True, blocks=(1, 2, 4), rank_fractions=(0.25, 0.5))
 
 
 def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.GELU(),
-                         nn.Linear(64, 32)).eval()
+    return _mlp(64, 128, 64, 32, seed=seed)
 
 
 def batches(n, rows=64, width=64, seed=1):
@@ -28,19 +29,6 @@ def batches(n, rows=64, width=64, seed=1):
     # Anisotropic inputs: what a layer sees matters, so fitting them pays off.
     scale = torch.logspace(-1, 1, width)
     return [(torch.randn(rows, width, generator=g) * scale,) for _ in range(n)]
-
-
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_untouched(model, before, training=False):
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for k in before:
-        assert torch.equal(after[k], before[k]), k
-    assert all(p.grad is None for p in model.parameters())
-    assert model.training == training
 
 
 @pytest.mark.parametrize("mode", ["correct", "student", "teacher"])
@@ -53,7 +41,7 @@ def test_distill_reduces_layer_and_model_error_and_leaves_teacher_alone(mode):
         out_before = teacher(*held[0]).clone()
     res = distill(small, teacher, calib, steps=60, mode=mode, eval_inputs=held, progress=False)
 
-    assert_untouched(teacher, before)
+    assert_untouched(teacher, before, training=False)
     with torch.no_grad():
         assert torch.equal(teacher(*held[0]), out_before)
     assert isinstance(res, DistillResult) and res.mode == mode
@@ -82,12 +70,8 @@ def test_correct_mode_absorbs_upstream_error():
 
 
 def test_distill_tiny_bert_and_end_to_end():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=128,
-                                  max_position_embeddings=32, attn_implementation="eager")
-    teacher = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    pytest.importorskip("transformers")
+    teacher = tiny_bert(hidden=64, intermediate=128, positions=32)
     g = torch.Generator().manual_seed(3)
     calib = [torch.randint(0, 100, (4, 16), generator=g) for _ in range(4)]
     before = snapshot(teacher)
@@ -97,7 +81,7 @@ def test_distill_tiny_bert_and_end_to_end():
     assert len(structured) >= 8
 
     res = distill(small, teacher, calib, steps=40, end_to_end_steps=20, progress=False)
-    assert_untouched(teacher, before)
+    assert_untouched(teacher, before, training=False)
     assert {d.name for d in res.layers} == structured
     assert sum(d.error_after for d in res.layers) < sum(d.error_before for d in res.layers)
     assert res.model_error_after_layers < res.model_error_before
@@ -220,7 +204,7 @@ def test_bad_inputs_raise_clear_errors():
         distill(small, wide, calib, progress=False)
     # The failed calls changed nothing.
     assert_untouched(small, state, training=small.training)
-    assert_untouched(teacher, teacher_state)
+    assert_untouched(teacher, teacher_state, training=False)
 
 
 def test_teacher_in_training_mode_warns():

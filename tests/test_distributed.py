@@ -9,14 +9,14 @@ import structfx
 from structfx import Config
 from structfx.passes.store import FactorStore
 
+from conftest import mlp as _mlp
+
 CFG = Config(params=0.5, min_params=1024, progress=False, steps=20, estimate_steps=3,
              force=True, device="H100 SXM", blocks=(1, 2, 4))
 
 
 def mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 96), nn.ReLU(),
-                         nn.Linear(96, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    return _mlp(64, 128, 96, 128, 64, act=nn.ReLU)
 
 
 def _compress(store):

@@ -19,14 +19,12 @@ from torch import nn
 import structfx
 from structfx import Config
 
+from conftest import rel
+
 # STRUCTFX_FUZZ_EXAMPLES=200 for a longer campaign than CI's.
 FUZZ = settings(max_examples=int(os.environ.get("STRUCTFX_FUZZ_EXAMPLES", 5)), deadline=None,
                 database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 # ----------------------------------------------------------------------------- models
@@ -181,7 +179,7 @@ INVALID = {
     "estimate_steps": st.one_of(st.integers(max_value=-1), st.sampled_from([2.5, False])),
     "seed": st.sampled_from([1.5, "0", None, True]),
     "device": st.sampled_from([3, "no-such-device", ""]),
-    "measure": st.sampled_from([1, "no"]),
+    "time_candidates": st.sampled_from([1, "no"]),
     "cache_dir": st.sampled_from([1, "", b"dir"]),
     "on_stale": st.sampled_from(["ignore", True, None]),
     "strict": st.sampled_from([0, "yes"]),

@@ -7,9 +7,7 @@ from torch import nn
 
 from structfx import BlastLinear, SS1Linear
 
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+from conftest import rel
 
 
 LAYERS = [

@@ -21,6 +21,9 @@ from structfx import BlastLinear, Config, SS1Linear
 from structfx.export import export_onnx, onnx_session
 from structfx.kernels import onnx_functions, ss1_hash
 
+from conftest import assert_untouched, snapshot, tiny_bert, tiny_gpt2
+from conftest import mlp as _mlp
+
 transformers = pytest.importorskip("transformers")
 
 DOMAIN = onnx_functions.DOMAIN
@@ -49,18 +52,6 @@ def run(sess, *inputs) -> np.ndarray:
 
 def cpu_session(path):
     return onnx_session(path, providers=["CPUExecutionProvider"], verbose=False)
-
-
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_untouched(model, before, types):
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for k in before:
-        assert torch.equal(after[k], before[k]), k
-    assert [type(m) for m in model.modules()] == types
 
 
 def file_bytes(path) -> int:
@@ -145,7 +136,7 @@ def chain_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("chain") / "chain.onnx"
     before, types = snapshot(model), [type(m) for m in model.modules()]
     export_onnx(model, torch.randn(3, 5, 100), path)
-    assert_untouched(model, before, types)
+    assert_untouched(model, before, types=types)
     return model, path
 
 
@@ -203,24 +194,17 @@ def test_ss1_body_indices_are_the_hash():
 
 
 # ----------------------------------------------------------------------------- transformers
-def tiny_bert():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=1,
-                                  num_attention_heads=2, intermediate_size=200,
-                                  max_position_embeddings=64, attn_implementation="eager")
-    return transformers.BertModel(cfg, add_pooling_layer=False).eval()
+def small_bert():
+    return tiny_bert(vocab=200, hidden=64, layers=1, intermediate=200)
 
 
-def tiny_gpt2():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=200, n_embd=96, n_layer=2, n_head=2,
-                                  n_positions=64, use_cache=False, attn_implementation="eager")
-    return transformers.GPT2Model(cfg).eval()
+def small_gpt2():
+    return tiny_gpt2(vocab=200, hidden=96, lm_head=False)
 
 
 @pytest.mark.parametrize("make, config", [
-    (tiny_bert, Config(structure="blast", blocks=(2,), min_params=4000, **FAST)),
-    (tiny_gpt2, Config(structure="ss1", compressions=(2, 3), min_params=4000, **FAST)),
+    (small_bert, Config(structure="blast", blocks=(2,), min_params=4000, **FAST)),
+    (small_gpt2, Config(structure="ss1", compressions=(2, 3), min_params=4000, **FAST)),
 ], ids=["bert-blast", "gpt2-ss1"])
 def test_transformer_compressed_then_exported(tmp_path, make, config):
     model = make()
@@ -239,9 +223,7 @@ def test_transformer_compressed_then_exported(tmp_path, make, config):
 
 
 def mlp(width=256):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, 2 * width),
-                         nn.GELU(), nn.Linear(2 * width, width)).eval()
+    return _mlp(width, 2 * width, 2 * width, width)
 
 
 def test_dense_model_is_compressed_and_left_untouched(tmp_path):
@@ -251,7 +233,7 @@ def test_dense_model_is_compressed_and_left_untouched(tmp_path):
     config = Config(blocks=(2,), min_params=1000, **FAST)
     path = export_onnx(model, x, tmp_path / "mlp.onnx", config)
     assert path == tmp_path / "mlp.onnx"
-    assert_untouched(model, before, types)
+    assert_untouched(model, before, types=types)
     small = structfx.compress(model, x, config)  # same decisions and factors (cached)
     check_file(path, small)
     sess = cpu_session(path)

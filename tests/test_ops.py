@@ -12,12 +12,10 @@ import structfx  # noqa: F401  (registers the ops)
 from structfx.kernels import ops, ss1_hash
 from structfx.kernels.reference import blast_linear_reference, ss1_linear_reference
 
+from conftest import rel
+
 blast = torch.ops.structfx.blast_linear
 ss1 = torch.ops.structfx.ss1_linear
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def blast_args(T, n, m, b1, b2, r, bias=True, dtype=torch.float32, lead=(), seed=0):

@@ -143,3 +143,42 @@ def test_errors_name_the_budget_and_hint():
         select(two, params=0.5, flops=0.5)
     with pytest.raises(ValueError, match="dense option"):
         select([[Option(50, 50, 0.3)]], params=0.5)
+
+
+# ----------------------------------------------------------------------------- the offer
+@settings(max_examples=100, deadline=None)
+@given(dense=st.floats(1e-6, 1.0), others=st.lists(st.floats(1e-6, 2.0), max_size=8),
+       force=st.booleans())
+def test_faster_than_dense_keeps_dense_first_and_drops_the_slower(dense, others, force):
+    from types import SimpleNamespace as C
+
+    from structfx.passes.select import faster_than_dense
+
+    cands = [C(name="dense", time_s=dense)] + [C(name=i, time_s=t) for i, t in enumerate(others)]
+    got = faster_than_dense(cands, force)
+    assert got[0] is cands[0]
+    # force: everything, in order; else exactly the strictly faster ones, in order
+    want = cands if force else [cands[0]] + [c for c in cands[1:] if c.time_s < dense]
+    assert [c.name for c in got] == [c.name for c in want]
+    assert all(c.time_s < dense for c in got[1:]) or force
+
+
+def test_candidate_grid_offers_what_the_cost_model_prices_faster():
+    import torch
+
+    from structfx.config import Config
+    from structfx.passes.cost_model import CostModel
+    from structfx.passes.device import DEVICE_TABLE
+    from structfx.passes.select import candidate_grid
+
+    gpu = CostModel(DEVICE_TABLE["H100 SXM"], torch.bfloat16)
+    # Decode on a big layer: half-size BLAST reads half the weights, so it is offered...
+    offered = candidate_grid(gpu, 4096, 4096, 1, Config(blocks=(4,), rank_fractions=(0.5,)))
+    assert [c.describe() for c in offered] == ["dense", "blast b=4 r=1022"]  # 0.5*4096²/8208
+    assert offered[1].time_s < offered[0].time_s
+    # ...a small one loses to one GEMM on its second launch: only force offers it.
+    small = Config(blocks=(4,), rank_fractions=(0.5,))
+    assert [c.structure for c in candidate_grid(gpu, 128, 128, 1, small)] == ["dense"]
+    forced = candidate_grid(gpu, 128, 128, 1, small.replace(force=True))
+    assert [c.describe() for c in forced] == ["dense", "blast b=4 r=30"]     # 0.5*128²/272
+    assert forced[1].time_s > forced[0].time_s

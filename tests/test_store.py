@@ -11,6 +11,8 @@ import structfx
 from structfx import Config
 from structfx.passes.store import NOT_DECISIONS, FactorStore, decision_settings
 
+from conftest import mlp as _mlp
+
 CFG = Config(params=0.5, min_params=1024, progress=False, steps=20, estimate_steps=3,
              force=True, device="H100 SXM")
 
@@ -18,7 +20,7 @@ CFG = Config(params=0.5, min_params=1024, progress=False, steps=20, estimate_ste
 _OTHER = {"structure": "ss1", "params": 0.4, "flops": 0.6, "max_error": 0.9,
           "include": ("a*",), "exclude": ("b*",), "min_params": 7, "force": False,
           "blocks": (2,), "compressions": (3,), "rank_fractions": (0.3,), "steps": 11,
-          "estimate_steps": 4, "seed": 5, "device": "A100 80GB", "measure": True}
+          "estimate_steps": 4, "seed": 5, "device": "A100 80GB", "time_candidates": True}
 
 
 def test_every_decision_field_changes_the_decision_key():
@@ -35,8 +37,7 @@ def test_every_decision_field_changes_the_decision_key():
 
 
 def mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    return _mlp(64, 128, 64, seed=seed, act=nn.ReLU)
 
 
 def test_compress_store_reuses_decisions_and_live_factors():
@@ -58,14 +59,29 @@ def test_compress_store_reuses_decisions_and_live_factors():
     assert not store.estimates and not store.decisions and store.factorizations == 0
 
 
-def test_measure_is_part_of_the_decision_key():
-    """Config(measure=True) after a roofline run must choose anew (it used to reuse)."""
+def test_time_candidates_is_part_of_the_decision_key():
+    """Config(time_candidates=True) after a roofline run must choose anew (it used to reuse)."""
     model, x = mlp(), torch.randn(8, 64)
     store = FactorStore()
     structfx.compress(model, (x,), CFG.replace(device=None), store=store)
     assert "candidates timed" not in structfx.last_report().device
-    structfx.compress(model, (x,), CFG.replace(device=None, measure=True), store=store)
+    structfx.compress(model, (x,), CFG.replace(device=None, time_candidates=True), store=store)
     assert "candidates timed" in structfx.last_report().device
+
+
+def test_measure_is_the_deprecated_name_of_time_candidates():
+    with pytest.warns(DeprecationWarning, match="time_candidates"):
+        old = Config(measure=True, progress=False)
+    assert old == Config(time_candidates=True, progress=False)
+    assert decision_settings(old) == decision_settings(Config(time_candidates=True))
+    with pytest.warns(DeprecationWarning):
+        assert CFG.replace(measure=True).time_candidates
+    with pytest.warns(DeprecationWarning):
+        assert Config.from_options({"measure": True}).time_candidates
+    with pytest.warns(DeprecationWarning):
+        assert old.measure is True
+    with pytest.raises(ValueError, match=r"Config\.measure\b"):
+        Config(measure="yes")
 
 
 def _cache_files(path):
