@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from .inputs import Inputs, prepare
 from .layers import BlastLinear, SS1Linear
 from .passes.checks import calibration_problem
+from .passes.cost_model import describe_layer
 from .passes.factorize_blast import HOLDOUT_EVERY  # the same hold-out rows as factorize
 
 STRUCTURED = (BlastLinear, SS1Linear)
@@ -123,15 +124,6 @@ def _batch(b: Any, model: nn.Module, what: str) -> Inputs:
     """One batch as ``Inputs`` (inputs.normalize), with ``use_cache=False`` for HF models: the
     teacher's and student's outputs are compared, their caches are not needed."""
     return prepare(b, model, what)
-
-
-def _describe(layer: nn.Module) -> str:
-    if isinstance(layer, BlastLinear):
-        b1, b2 = layer.blocks
-        if (b1, b2) == (1, 1):
-            return f"lowrank r={layer.rank}"
-        return f"blast b={b1 if b1 == b2 else f'{b1}x{b2}'} r={layer.rank}"
-    return f"ss1 c={layer.compression}"
 
 
 def _teacher_path(name: str, teacher: nn.Module) -> str:
@@ -622,7 +614,7 @@ def distill(compressed: nn.Module, teacher: nn.Module, calib_inputs: Iterable, *
                             p.copy_(q)
                     after = before
             result.layers.append(LayerDistill(
-                name=n, structure=_describe(layer), rows=s.rows, error_before=before,
+                name=n, structure=describe_layer(layer), rows=s.rows, error_before=before,
                 error_after=after, seconds=t_rec + time.perf_counter() - t1))
             bar.update(1)
             if progress:
