@@ -426,12 +426,7 @@ def cmd_sweep(args) -> int:
     if not budgets:
         raise CliError("--params: give at least one budget")
     loaded = load_folder(args.model_dir, args.model_class)
-    if loaded.tokenizer is None:
-        raise CliError(f"{str(loaded.folder)!r} has no tokenizer to read --calib with")
-    fit, held = split_texts(read_texts(args.calib))
-    fit_b = tokenize(loaded.tokenizer, fit, args.batch_size, args.max_length, kind=loaded.kind)
-    held_b = tokenize(loaded.tokenizer, held, args.batch_size, args.max_length,
-                      desc="tokenizing held-out", kind=loaded.kind)
+    _, fit_b, held_b = _data(args, loaded)
     rows = []
     for p in budgets:
         _progress(f"budget {p:g}")
