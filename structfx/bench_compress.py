@@ -183,7 +183,7 @@ def main(args) -> list[dict]:
         else:
             results.append(json.loads(path.read_text()))
             path.unlink()
-        print(f"{name}: done", file=sys.stderr, flush=True)
+        print(f"{name}: {json.dumps(results[-1])}", file=sys.stderr, flush=True)
     print(table(results))
     for r in results:
         if r.get("case") == "minilm" and r.get("estimates"):
