@@ -83,11 +83,12 @@ def demo(args) -> None:
     print(f"torch.compile(backend=structfx): {time.perf_counter() - t0:.1f} s; "
           f"max |compiled - compress| = {(compiled_out - small_out).abs().max():.2e}")
 
-    t_dense = median_time(lambda x: model(x), ids)
-    t_small = median_time(lambda x: small(x), ids)
-    dense_compiled = torch.compile(model)
-    t_dc = median_time(lambda x: dense_compiled(x), ids)
-    t_sc = median_time(lambda x: compiled(x), ids)
+    with torch.no_grad():   # inference: the compiled graphs were built under no_grad too
+        t_dense = median_time(lambda x: model(x), ids)
+        t_small = median_time(lambda x: small(x), ids)
+        dense_compiled = torch.compile(model)
+        t_dc = median_time(lambda x: dense_compiled(x), ids)
+        t_sc = median_time(lambda x: compiled(x), ids)
     print(f"\nCPU latency ({torch.get_num_threads()} threads), same process:")
     print(f"  eager:    dense {t_dense * 1e3:.1f} ms, structfx {t_small * 1e3:.1f} ms "
           f"-> {t_dense / t_small:.2f}x")
