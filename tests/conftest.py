@@ -89,3 +89,23 @@ def tiny_gpt2(vocab: int = 100, hidden: int = 128, lm_head: bool = True):
     cfg = transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=2, n_head=2,
                                   n_positions=64, use_cache=False, attn_implementation="eager")
     return (transformers.GPT2LMHeadModel if lm_head else transformers.GPT2Model)(cfg).eval()
+
+
+def run_in_threads(work, n: int = 2) -> list:
+    """Run ``work(k)`` for k in range(n) in n threads at once; return the exceptions raised."""
+    import threading
+
+    errors = []
+
+    def guarded(k):
+        try:
+            work(k)
+        except Exception as e:  # noqa: BLE001 - the caller asserts there are none
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors

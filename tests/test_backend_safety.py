@@ -12,6 +12,8 @@ import structfx
 from structfx import Config
 from structfx.backend import TRAINING_SKIP
 
+from conftest import run_in_threads
+
 CFG = Config(params=0.5, min_params=4096, progress=False, steps=30, estimate_steps=5,
              force=True, blocks=(1, 2), rank_fractions=(0.25, 0.5))
 # One candidate per layer and a budget only met by replacing every big layer: the choice does
@@ -339,23 +341,16 @@ def test_two_compiled_models_in_two_threads():
     torch._dynamo.reset()
     structfx.clear_reports()
     compiled = [torch.compile(m, backend=structfx.backend(CFG)) for m in models]
-    results, errors = [[], []], []
+    results = [[], []]
     start = threading.Barrier(2)
 
     def work(k):
-        try:
-            start.wait()
-            with torch.no_grad():
-                for _ in range(3):
-                    results[k].append(compiled[k](xs[k]))
-        except Exception as e:  # pragma: no cover - the assertion below shows it
-            errors.append(e)
+        start.wait()
+        with torch.no_grad():
+            for _ in range(3):
+                results[k].append(compiled[k](xs[k]))
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_threads(work)
     assert not errors
     for k in range(2):
         assert len(results[k]) == 3
@@ -378,22 +373,15 @@ def test_backend_called_from_two_threads_directly():
     assert len(graphs) == 2
     structfx.clear_reports()
     backend = structfx.backend(CFG)
-    out, errors = [None, None], []
+    out = [None, None]
 
     def work(k):
-        try:
-            gm, inputs = graphs[k]
-            with torch.no_grad():  # grad mode is per thread
-                fn = backend(gm, inputs)
-                out[k] = fn(*inputs)
-        except Exception as e:  # pragma: no cover
-            errors.append(e)
+        gm, inputs = graphs[k]
+        with torch.no_grad():  # grad mode is per thread
+            fn = backend(gm, inputs)
+            out[k] = fn(*inputs)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_threads(work)
     assert not errors
     for k, m in enumerate(models):
         y = out[k][0] if isinstance(out[k], (tuple, list)) else out[k]

@@ -1,7 +1,6 @@
 """compress returns a copy of the user's model (same class) with structured modules swapped in;
 the graph where a linear is not a swappable module; inputs as users pass them; batch-1 examples;
 threads; train mode."""
-import threading
 import warnings
 
 import pytest
@@ -11,6 +10,8 @@ from hypothesis import given, settings, strategies as st
 from torch import fx, nn
 
 import structfx
+
+from conftest import run_in_threads
 from structfx.inputs import Inputs, normalize
 
 CFG = structfx.Config(params=0.5, min_params=0, force=True, blocks=(2,), rank_fractions=(0.5,),
@@ -235,19 +236,12 @@ def test_two_threads_compress_at_once():
     torch.manual_seed(0)
     models = [MLP().eval(), MLP().eval()]
     x = torch.randn(4, 32)
-    results, errors = [None, None], []
+    results = [None, None]
 
     def run(i):
-        try:
-            results[i] = structfx.compress(models[i], x, CFG)
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
+        results[i] = structfx.compress(models[i], x, CFG)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_threads(run)
     assert not errors, errors
     for m, small in zip(models, results):
         assert isinstance(small.fc1, structfx.BlastLinear)
