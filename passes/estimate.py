@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .factorize_blast import LOWRANK_RIDGE, blast_error_curve, split_calib
+from .factorize_blast import LOWRANK_RIDGE, blast_error_curve, blend_gram, split_calib
 from .project_ss1 import project_ss1
 from .spd_solve import psd_factor
 
@@ -38,10 +38,11 @@ class Estimate:
         return self.weight_error if self.output_error is None else self.output_error
 
 
-def lowrank_spectrum(weight: Tensor, calib: Optional[Tensor] = None):
+def lowrank_spectrum(weight: Tensor, calib: Optional[Tensor] = None, blend: float = 0.0):
     """``(A, B, tails)``: ``W ~ A[:, :k] B[:, :k]^T`` is the best rank-``k`` layer for every
     ``k`` (for the output error on the fit rows when ``calib`` is given), and ``tails(k)``
-    gives its ``(weight error, held-out output error)``."""
+    gives its ``(weight error, held-out output error)``. ``blend``: the fit rows' Gram is
+    pulled that far towards the data-free objective (``factorize_blast.blend_gram``)."""
     W = weight.detach().double()
     m, n = W.shape
     if calib is None:
@@ -55,7 +56,7 @@ def lowrank_spectrum(weight: Tensor, calib: Optional[Tensor] = None):
         return A, B, tails
     X = calib.detach().double().reshape(-1, n)
     fit, held = split_calib(X)
-    C = fit.mT @ fit
+    C = blend_gram(fit.mT @ fit, blend)
     K = psd_factor(C, LOWRANK_RIDGE * C.diagonal().mean().clamp_min(1e-300))
     U, s, Vh = torch.linalg.svd(W @ K, full_matrices=False)
     Bm = torch.linalg.solve_triangular(K, Vh, upper=False, left=False).mT     # K^-T v_i
@@ -75,7 +76,8 @@ def lowrank_spectrum(weight: Tensor, calib: Optional[Tensor] = None):
 
 
 def estimate_candidates(weight: Tensor, candidates: list, *, seed: int, ss1_seed: int,
-                        steps: int, calib: Optional[Tensor] = None) -> list[Estimate]:
+                        steps: int, calib: Optional[Tensor] = None,
+                        blend: float = 0.0) -> list[Estimate]:
     """One ``Estimate`` per candidate (dense first: error 0)."""
     out: list[Optional[Estimate]] = [None] * len(candidates)
     by_blocks: dict[tuple, list[int]] = {}
@@ -90,10 +92,11 @@ def estimate_candidates(weight: Tensor, candidates: list, *, seed: int, ss1_seed
     for blocks, idx in by_blocks.items():
         ranks = [candidates[i].rank for i in idx]
         if blocks == (1, 1):
-            _, _, tails = lowrank_spectrum(weight, calib)
+            _, _, tails = lowrank_spectrum(weight, calib, blend)
             errs = [tails(r) for r in ranks]
         else:
-            errs = blast_error_curve(weight, blocks, ranks, steps, calib, seed=seed)
+            errs = blast_error_curve(weight, blocks, ranks, steps, calib, seed=seed,
+                                     blend=blend)
         for i, (we, oe) in zip(idx, errs):
             out[i] = Estimate(we, oe)
     return out

@@ -42,10 +42,10 @@ def is_lowrank(cand: Candidate) -> bool:
     return cand.structure == "blast" and tuple(cand.blocks) == (1, 1)
 
 
-def lowrank_factors(weight: torch.Tensor, rank: int,
-                    calib: Optional[torch.Tensor] = None) -> BlastFactors:
+def lowrank_factors(weight: torch.Tensor, rank: int, calib: Optional[torch.Tensor] = None,
+                    blend: float = 0.0) -> BlastFactors:
     """The truncated (whitened) SVD as BLAST factors with one block."""
-    A, B, tails = lowrank_spectrum(weight, calib)
+    A, B, tails = lowrank_spectrum(weight, calib, blend)
     k = min(rank, A.shape[1])
     U, V = A[:, :k], B[:, :k]
     if k < rank:  # more rank than the matrix has: zero columns
@@ -59,6 +59,8 @@ def lowrank_factors(weight: torch.Tensor, rank: int,
 
 def _settings(site: LinearSite, cand: Candidate, config, calib: Optional[torch.Tensor]) -> dict:
     s = {"structure": cand.structure, "calib": None if calib is None else content_hash(calib)}
+    if calib is not None and cand.structure == "blast" and config.calib_blend:
+        s["blend"] = config.calib_blend
     if is_lowrank(cand):
         s.update(blocks=[1, 1], rank=cand.rank, method="svd")
     elif cand.structure == "blast":
@@ -84,11 +86,11 @@ def _shapes(site: LinearSite, cand: Candidate) -> dict:
 def _compute(site: LinearSite, cand: Candidate, config, calib) -> dict:
     W = site.linear_weight.detach()
     if is_lowrank(cand):
-        f = lowrank_factors(W, cand.rank, calib)
+        f = lowrank_factors(W, cand.rank, calib, config.calib_blend)
         tensors = {"U": f.U, "S": f.S, "V": f.V}
     elif cand.structure == "blast":
         f = factorize_blast(W, cand.blocks, cand.rank, steps=config.steps, calib=calib,
-                            tol=DEFAULT_TOL, seed=config.seed)
+                            tol=DEFAULT_TOL, seed=config.seed, blend=config.calib_blend)
         tensors = {"U": f.U, "S": f.S, "V": f.V}
     else:
         f = project_ss1(W, cand.compression, layer_seed(config.seed, site.name), calib=calib)

@@ -16,7 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..kernels.reference import blast_dense_weight
-from .spd_solve import psd_factor, spd_solve
+from .spd_solve import pcg_solve, psd_factor, spd_solve
 
 Blocks = Union[int, tuple[int, int]]
 
@@ -416,12 +416,12 @@ def _descend(Wb: Tensor, U: Tensor, S: Tensor, V: Tensor, steps: int, lr: float,
             coupled = lambda s: torch.einsum("ikrs,jkrs->ijr", GU[:, None] * s[..., None, :], M)
             grad = coupled(S) - rhs
             PS = GU[:, None] * M.diagonal(dim1=0, dim2=1).permute(2, 0, 1)[None]
-            dS = -spd_solve(PS + _damping(delta, PS) * I, grad)
+            dS = -pcg_solve(PS + _damping(delta, PS) * I, grad)
             curv = (dS * coupled(dS)).sum()
         else:
             PS = GU[:, None] * (V.mT @ V)[None]
             grad = (PS @ S[..., None]).squeeze(-1) - rhs
-            dS = -spd_solve(PS + _damping(delta, PS) * I, grad)
+            dS = -pcg_solve(PS + _damping(delta, PS) * I, grad)
             curv = ((PS @ dS[..., None]).squeeze(-1) * dS).sum()
         slope = (grad * dS).sum()
         h = _parabola(slope, curv, eta)
@@ -463,7 +463,8 @@ class _Problem(NamedTuple):
     held: Optional[Tensor]    # held-out calibration rows
 
 
-def _prepare(weight: Tensor, b1: int, b2: int, calib: Optional[Tensor]) -> _Problem:
+def _prepare(weight: Tensor, b1: int, b2: int, calib: Optional[Tensor],
+             blend: float = 0.0) -> _Problem:
     m, n = weight.shape
     p, q = -(-m // b1), -(-n // b2)
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -480,7 +481,7 @@ def _prepare(weight: Tensor, b1: int, b2: int, calib: Optional[Tensor]) -> _Prob
     if calib is not None:
         X = calib.detach().to(device=W.device, dtype=dtype).reshape(-1, n)
         train, held = split_calib(X)
-        C, L = _whitening(train, b2, q)
+        C, L = _whitening(train, b2, q, blend)
         Wb = Wb @ L[None]
         C = _whitened_cov(C, L)
     # Work on W / RMS (folded back into S): damping and step sizes are then independent of the
@@ -515,7 +516,8 @@ def _finish(prob: _Problem, U: Tensor, S: Tensor, V: Tensor, weight: Tensor) -> 
 
 def factorize_blast(weight: Tensor, blocks: Blocks, rank: int, steps: int = DEFAULT_STEPS,
                     calib: Optional[Tensor] = None, *, init: str = "svd", lr: float = DEFAULT_LR,
-                    seed: int = 0, progress: bool = False, tol: float = 0.0) -> BlastFactors:
+                    seed: int = 0, progress: bool = False, tol: float = 0.0,
+                    blend: float = 0.0) -> BlastFactors:
     """Factorize ``weight`` ``(m, n)`` into BLAST factors with ``blocks`` ``b`` or ``(b1, b2)``.
 
     Up to ``steps`` iterations of preconditioned descent, step size decaying linearly from
@@ -523,14 +525,15 @@ def factorize_blast(weight: Tensor, blocks: Blocks, rank: int, steps: int = DEFA
     (``"random"``, drawn from ``seed``); ``tol > 0`` stops early once the relative error
     gains less than ``tol`` per step. ``calib`` ``(..., n)``: inputs seen by the layer; the
     objective becomes the output error on them, with every ``HOLDOUT_EVERY``-th row held out
-    to report ``output_error``. Factors come back in fp32 on ``weight``'s device, with the
+    to report ``output_error``; ``blend``: how much of the data-free objective to keep
+    (``blend_gram``). Factors come back in fp32 on ``weight``'s device, with the
     padded shapes ``(b1, p, r)``, ``(b1, b2, r)``, ``(b2, q, r)`` and unit-norm columns in
     ``U``, ``V``.
     """
     b1, b2 = _check(weight, blocks, rank, steps, calib)
     if init not in ("svd", "random"):
         raise ValueError(f"factorize_blast: init must be 'svd' or 'random', got {init!r}")
-    prob = _prepare(weight, b1, b2, calib)
+    prob = _prepare(weight, b1, b2, calib, blend)
     U, S, V = _start(prob, rank, init, seed)
     U, S, V = _descend(prob.Wb, U, S, V, steps, lr, prob.C, progress, tol=tol)
     return _finish(prob, U, S, V, weight)
@@ -538,7 +541,8 @@ def factorize_blast(weight: Tensor, blocks: Blocks, rank: int, steps: int = DEFA
 
 def blast_error_curve(weight: Tensor, blocks: Blocks, ranks: list[int], steps: int,
                       calib: Optional[Tensor] = None, *, refine_steps: int = 3,
-                      lr: float = DEFAULT_LR, seed: int = 0) -> list[tuple[float, Optional[float]]]:
+                      lr: float = DEFAULT_LR, seed: int = 0,
+                      blend: float = 0.0) -> list[tuple[float, Optional[float]]]:
     """Estimated ``(weight error, held-out output error)`` of BLAST at every rank in
     ``ranks``, from ONE factorization at the largest rank.
 
@@ -547,7 +551,7 @@ def blast_error_curve(weight: Tensor, blocks: Blocks, ranks: list[int], steps: i
     steps at that rank (cost proportional to the rank). An upper bound on what a full
     factorization at that rank reaches; ``bench compress`` measures how close it is."""
     b1, b2 = _check(weight, blocks, max(ranks), steps, calib)
-    prob = _prepare(weight, b1, b2, calib)
+    prob = _prepare(weight, b1, b2, calib, blend)
     top = max(ranks)
     U, S, V = _start(prob, top, "svd", seed)
     # The curve descends in the block-whitened coordinates without the cross-block covariance
@@ -569,12 +573,26 @@ def blast_error_curve(weight: Tensor, blocks: Blocks, ranks: list[int], steps: i
     return [out[r] for r in ranks]
 
 
-def _whitening(X: Tensor, b2: int, q: int) -> tuple[Tensor, Tensor]:
+def blend_gram(C: Tensor, blend: float) -> Tensor:
+    """``(1 - blend) C + blend mean(diag C) I``: the calibration Gram ``C`` pulled towards the
+    data-free objective (whose Gram is a multiple of the identity), at ``C``'s own scale.
+    ``blend = 0`` is ``C`` itself, ``1`` the weight-space fit."""
+    if not blend:
+        return C
+    scale = C.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    return (1 - blend) * C + blend * scale * torch.eye(C.shape[-1], dtype=C.dtype,
+                                                        device=C.device)
+
+
+def _whitening(X: Tensor, b2: int, q: int, blend: float = 0.0) -> tuple[Tensor, Tensor]:
     """``C = X^T X / N`` (padded to ``b2 q``) and the Cholesky factors ``L[j]`` of its diagonal
     blocks. The relative ridge covers rank-deficient blocks (few rows, padding coordinates);
     1e-4..1e-1 gave the same held-out error within 2%."""
     Xp = torch.nn.functional.pad(X, (0, b2 * q - X.shape[1]))
     C = Xp.mT @ Xp / X.shape[0]
+    if blend:   # the padding coordinates stay at zero variance
+        C = blend_gram(C[:X.shape[1], :X.shape[1]], blend)
+        C = torch.nn.functional.pad(C, (0, b2 * q - X.shape[1], 0, b2 * q - X.shape[1]))
     Cjj = C.reshape(b2, q, b2, q).diagonal(dim1=0, dim2=2).permute(2, 0, 1)      # (b2, q, q)
     lam = WHITEN_RIDGE * Cjj.diagonal(dim1=-2, dim2=-1).mean().clamp_min(1e-30)
     return C, psd_factor(Cjj, lam)

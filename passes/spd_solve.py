@@ -57,3 +57,36 @@ def psd_factor(A: Tensor, ridge) -> Tensor:
         clipped = (Q * (e.clamp_min(0) + lam.reshape(()))) @ Q.mT
         K[i] = torch.linalg.cholesky(0.5 * (clipped + clipped.mT))
     return K.to(A.dtype)
+
+
+def pcg_solve(A: Tensor, b: Tensor, *, rtol: float = 1e-6, max_iter: int = 64) -> Tensor:
+    """``x`` with ``A x = b`` for a stack of symmetric positive definite ``A`` ``(..., n, n)``
+    and vectors ``b`` ``(..., n)``, by conjugate gradients with a diagonal (Jacobi)
+    preconditioner, all systems at once.
+
+    For the many small, well-conditioned systems of the BLAST ``S`` step (one ``r x r``
+    Hadamard-product Gram per block, ``b1 b2`` of them) this is several times faster than a
+    batched Cholesky, which LAPACK runs matrix by matrix: each iteration is one batched
+    matrix-vector product. Stops when every system's residual is below ``rtol`` of its
+    right-hand side, or after ``max_iter`` iterations; every iterate from ``x = 0`` lowers
+    ``1/2 x^T A x - b^T x``, so an early stop is still a descent direction for it."""
+    dinv = 1.0 / A.diagonal(dim1=-2, dim2=-1).clamp_min(torch.finfo(A.dtype).tiny)
+    x = torch.zeros_like(b)
+    r = b.clone()
+    z = r * dinv
+    p = z.clone()
+    rz = (r * z).sum(-1, keepdim=True)
+    stop = (rtol * b.norm(dim=-1)).pow(2)
+    tiny = torch.finfo(A.dtype).tiny
+    for it in range(min(max_iter, A.shape[-1])):
+        Ap = (A @ p.unsqueeze(-1)).squeeze(-1)
+        alpha = rz / (p * Ap).sum(-1, keepdim=True).clamp_min(tiny)
+        x = x + alpha * p
+        r = r - alpha * Ap
+        if it % 4 == 3 and bool((r.pow(2).sum(-1) <= stop).all()):
+            break
+        z = r * dinv
+        rz_new = (r * z).sum(-1, keepdim=True)
+        p = z + (rz_new / rz.clamp_min(tiny)) * p
+        rz = rz_new
+    return x

@@ -70,6 +70,12 @@ class Config:
     Structures: ``structure`` is ``"blast"``, ``"ss1"``, ``"lowrank"`` (BLAST with b = 1) or
     ``"auto"`` (any of them per layer); ``blocks`` / ``compressions`` are the grids tried.
 
+    ``calib_blend``: with calibration data, how much of the data-free objective the data-aware
+    one keeps: every factorization fits the inputs' Gram blended with the identity,
+    ``(1 - a) C + a mean(diag C) I`` (``passes/factorize_blast.blend_gram``). 0 fits the
+    calibration rows alone; a little keeps the directions they never excite, which matters
+    when the calibration text is of another kind than what the model will see.
+
     ``time_candidates``: time every candidate on this device instead of predicting its time
     with the roofline model (``compress(measure=True)`` is something else: it times the whole
     model, dense and compressed). ``measure=`` is its former name, still accepted (with a
@@ -89,6 +95,7 @@ class Config:
     rank_fractions: Sequence[float] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
     steps: int = 300                      # BLAST descent: at most this many (stops on convergence)
     estimate_steps: int = 15
+    calib_blend: float = 0.0              # data-aware: weight of the data-free objective
     seed: int = 0
     device: Optional[str] = None          # device-table entry for the cost model; None: current
     time_candidates: bool = False         # time candidates on the device instead of estimating
@@ -123,6 +130,9 @@ class Config:
             if not (_integer(v) and v >= low):
                 _bad(name, f"an integer >= {low}", v)
             object.__setattr__(self, name, int(v))
+        if not (_real(self.calib_blend) and 0 <= self.calib_blend <= 1):
+            _bad("calib_blend", "a fraction in [0, 1]", self.calib_blend)
+        object.__setattr__(self, "calib_blend", float(self.calib_blend))
         if not _integer(self.seed):
             _bad("seed", "an integer", self.seed)
         object.__setattr__(self, "seed", int(self.seed))

@@ -207,11 +207,12 @@ def _decide(active, dense, model: CostModel, config: Config, store: FactorStore,
         calib = rows.get(s.name)
         try:
             key = (store.weight_hash(s.linear_weight), repr([c.describe() for c in cands]),
-                   config.estimate_steps, config.seed,
+                   config.estimate_steps, config.seed, config.calib_blend,
                    None if calib is None else content_hash(calib))
             ests = store.estimate(repr(key), lambda: estimate_candidates(
                 s.linear_weight, cands, seed=config.seed, steps=config.estimate_steps,
-                ss1_seed=layer_seed(config.seed, s.name), calib=calib))
+                ss1_seed=layer_seed(config.seed, s.name), calib=calib,
+                blend=config.calib_blend))
             priced[s.name] = (s, cands, ests, None)
         except Exception as e:
             if config.strict:

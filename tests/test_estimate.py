@@ -117,3 +117,53 @@ def test_estimate_candidates_prices_every_candidate():
     assert all(e.price == e.output_error for e in ests)
     free = estimate_candidates(W, cands, seed=0, ss1_seed=1, steps=5)
     assert all(e.output_error is None and e.price == e.weight_error for e in free)
+
+
+def test_blend_gram_interpolates_between_the_calibration_and_the_identity():
+    from structfx.passes.factorize_blast import blend_gram
+
+    X = _calib(n=12, rows=50).double()
+    C = X.T @ X
+    s = float(C.diagonal().mean())
+    assert torch.equal(blend_gram(C, 0.0), C)
+    torch.testing.assert_close(blend_gram(C, 1.0), s * torch.eye(12, dtype=C.dtype))
+    torch.testing.assert_close(blend_gram(C, 0.3), 0.7 * C + 0.3 * s * torch.eye(12, dtype=C.dtype))
+
+
+def test_full_blend_is_the_data_free_truncated_svd():
+    W, X = _weight(), _calib()
+    k = 12
+    A, B, tails = lowrank_spectrum(W, X, blend=1.0)
+    U, s, Vh = torch.linalg.svd(W.double())
+    torch.testing.assert_close(A[:, :k] @ B[:, :k].T, (U[:, :k] * s[:k]) @ Vh[:k],
+                               rtol=1e-6, atol=1e-8)
+    assert tails(k)[0] == pytest.approx(float(s[k:].norm() / s.norm()), rel=1e-6)
+
+
+@pytest.mark.parametrize("blend", [0.1, 0.5])
+def test_blended_lowrank_is_optimal_for_the_blended_objective(blend):
+    """The blended fit beats both ends (pure calibration, pure weight) on its own objective
+    (1 - a) ||X R^T||^2 / mean||x||^2 + a ||R||^2, computed directly."""
+    W, X = _weight(), _calib()
+    fit, _ = split_calib(X.double())
+    Wd, k = W.double(), 10
+    scale = float((fit.T @ fit).diagonal().mean())
+
+    def objective(W_hat):
+        R = Wd - W_hat
+        return (1 - blend) * float((fit @ R.T).pow(2).sum()) / scale + blend * float(R.pow(2).sum())
+
+    got = {a: lowrank_spectrum(W, X, blend=a)[:2] for a in (0.0, blend, 1.0)}
+    mine = objective(got[blend][0][:, :k] @ got[blend][1][:, :k].T)
+    for a in (0.0, 1.0):
+        assert mine < objective(got[a][0][:, :k] @ got[a][1][:, :k].T) * (1 - 1e-6)
+
+
+def test_blast_with_full_blend_fits_the_weight_like_the_data_free_one():
+    W, X = _weight(), _calib()
+    free = factorize_blast(W, 4, 12, steps=40)
+    full = factorize_blast(W, 4, 12, steps=40, calib=X, blend=1.0)
+    aware = factorize_blast(W, 4, 12, steps=40, calib=X)
+    assert full.error == pytest.approx(free.error, rel=0.05)
+    assert aware.error > 1.2 * full.error          # the calibration fit gives up weight error
+    assert aware.output_error < full.output_error  # ... for the output error it is fit on

@@ -62,3 +62,31 @@ def test_large_batched_solve_with_two_threads_returns():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=240)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("batch,n", [((), 5), ((4,), 30), ((3, 5), 64)])
+def test_pcg_matches_linalg_solve(batch, n):
+    """Hadamard-product Grams plus a ridge, as the BLAST S step solves them."""
+    from structfx.passes.spd_solve import pcg_solve
+
+    torch.manual_seed(1)
+    U, V = torch.randn(*batch, 2 * n, n, dtype=torch.float64), torch.randn(2 * n, n,
+                                                                           dtype=torch.float64)
+    A = (U.mT @ U) * (V.mT @ V) + 1e-2 * torch.eye(n, dtype=torch.float64)
+    b = torch.randn(*batch, n, dtype=torch.float64)
+    torch.testing.assert_close(pcg_solve(A, b, rtol=1e-12), torch.linalg.solve(A, b),
+                               rtol=1e-8, atol=1e-10)
+
+
+def test_pcg_stopped_early_is_still_a_descent_direction():
+    """Cut off after one iteration on a badly conditioned system, the answer still lowers the
+    quadratic model 1/2 x^T A x - b^T x (what the descent's line search needs)."""
+    from structfx.passes.spd_solve import pcg_solve
+
+    torch.manual_seed(2)
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64))
+    A = (Q * torch.logspace(0, 6, 40, dtype=torch.float64)) @ Q.mT
+    b = torch.randn(40, dtype=torch.float64)
+    x = pcg_solve(A, b, max_iter=1)
+    assert float(0.5 * x @ A @ x - b @ x) < 0
+    assert not torch.allclose(x, torch.linalg.solve(A, b))
