@@ -142,7 +142,12 @@ def _top_singular(A: Tensor, r: int, gen: torch.Generator) -> Tensor:
     When ``r`` exceeds the rank available (``min(k, l)``) the extra columns are random unit
     vectors: they still give ``S`` extra per-block freedom, and the descent moves them."""
     b, k, _ = A.shape
-    Q = torch.linalg.svd(A, full_matrices=False).U[..., :r]
+    # The eigenvectors of the k x k Gram A A^T (in float64: squaring the singular values must
+    # not lose the small ones) are those singular vectors, several times cheaper than an SVD
+    # of the wide (k, l) matrices.
+    A64 = A.double()
+    evals, evecs = torch.linalg.eigh(A64 @ A64.mT)
+    Q = evecs.flip(-1)[..., :min(r, k, A.shape[-1])].to(A.dtype)
     if Q.shape[-1] < r:
         Q = torch.cat([Q, _unit_random(b, k, r - Q.shape[-1], A, gen)], dim=-1)
     return Q
@@ -154,7 +159,7 @@ def _least_squares_S(Wb: Tensor, U: Tensor, V: Tensor) -> Tensor:
     rhs = ((U.mT[:, None] @ Wb) * V.mT[None]).sum(-1)                # (b1, b2, r)
     # A tiny ridge keeps the solve defined when the Gram is singular (r > p or r > q).
     ridge = 1e-6 * G.diagonal(dim1=-2, dim2=-1).mean().clamp_min(1e-30)
-    return spd_solve(G + ridge * _eye(G.shape[-1], G), rhs)
+    return pcg_solve(G + ridge * _eye(G.shape[-1], G), rhs)
 
 
 def _svd_init(Wb: Tensor, r: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
