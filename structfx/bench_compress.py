@@ -1,7 +1,9 @@
 """``python -m structfx.bench compress``: what compression itself costs.
 
 Per model: wall time of ``structfx.compress``, peak resident memory of the process over the
-model's weight bytes, and how many estimates / full factorizations the run computed; for
+model's weight bytes (the whole process, torch included; and the rise of the peak during
+compress over the resident memory just before it, which is what compress itself needs), and
+how many estimates / full factorizations the run computed; for
 MiniLM also each replaced layer's estimated error (what select priced it at) against the
 error of its final factorization. Each model runs in a subprocess of its own, so peak memory
 is that model's alone.
@@ -39,6 +41,27 @@ def _peak_rss() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _rss() -> int:
+    """Resident set size of this process now, in bytes (Linux VmRSS; 0 where unknown)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_peak() -> bool:
+    """Start the peak (VmHWM) afresh from the current RSS (Linux >= 4.0); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _model_bytes(model: nn.Module) -> int:
@@ -118,6 +141,11 @@ def run_case(name: str, quick: bool = False) -> dict:
     model, args, cfg, calib = _case(name, quick)
     weights = _model_bytes(model)
     store = FactorStore()
+    import gc
+
+    gc.collect()
+    before = _rss()
+    fresh_peak = _reset_peak()
     t0 = time.perf_counter()
     small = structfx.compress(model, args, cfg, calibration=calib, store=store)
     seconds = time.perf_counter() - t0
@@ -130,7 +158,10 @@ def run_case(name: str, quick: bool = False) -> dict:
                          "estimate": d.estimated_error, "final": final,
                          "relative": d.estimated_error / final - 1})
     del small
-    return {"case": name, "seconds": seconds, "peak_rss": _peak_rss(), "model_bytes": weights,
+    peak = _peak_rss()
+    return {"case": name, "seconds": seconds, "peak_rss": peak, "model_bytes": weights,
+            "rss_before": before,
+            "compress_peak_extra": (peak - before) if fresh_peak and before else None,
             "estimations": store.estimations, "factorizations": store.factorizations,
             "replaced": len(rep.replaced), "layers": len(rep.layers),
             "model_output_error": rep.model_output_error, "estimates": rows}
@@ -142,15 +173,18 @@ def table(results: list[dict]) -> str:
     rows = []
     for r in results:
         if "error" in r:
-            rows.append([r["case"], "failed", "", "", "", r["error"][:60]])
+            rows.append([r["case"], "failed", "", "", "", "", r["error"][:60]])
             continue
         est = r["estimates"]
         within = sum(abs(e["relative"]) <= 0.10 for e in est)
+        extra = r.get("compress_peak_extra")
         rows.append([r["case"], f"{r['seconds']:.1f}", f"{r['peak_rss'] / r['model_bytes']:.2f}",
+                     "" if extra is None else f"{extra / r['model_bytes']:.2f}",
                      f"{r['estimations']} / {r['factorizations']}",
                      f"{r['replaced']} of {r['layers']}",
                      f"{within} of {len(est)}" if est else ""])
     return tabulate(rows, ["model", "compress s", "peak RSS / model bytes",
+                           "peak over start / model bytes",
                            "estimates / factorizations", "replaced", "estimate within 10%"],
                     tablefmt="github", disable_numparse=True)
 
