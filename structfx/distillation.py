@@ -28,7 +28,7 @@ from tabulate import tabulate
 from torch import nn
 
 from .compress import float_leaves, no_side_effects, relative_output_error
-from .config import _integer, _real
+from .config import Config, _integer, _real
 from .distill_end_to_end import batch_stream, end_to_end_phase
 from .distill_layerwise import STRUCTURED, LayerDistill, layerwise_phase
 from .inputs import Inputs, prepare
@@ -98,8 +98,6 @@ def _settings(config: Optional[DistillConfig], keywords: dict) -> DistillConfig:
     """``config`` (default ``DistillConfig()``) with the keyword settings on top: a keyword
     given to ``distill`` overrides the same field of ``config``."""
     if config is not None and not isinstance(config, DistillConfig):
-        from .config import Config
-
         hint = (" (structfx.Config holds compress()'s settings)"
                 if isinstance(config, Config) else "")
         raise TypeError(f"distill: config must be a structfx.DistillConfig, got "
