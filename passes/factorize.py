@@ -18,7 +18,7 @@ from ..layers import BlastLinear, SS1Linear
 from .cost_model import Candidate
 from .estimate import lowrank_spectrum
 from .factorize_blast import (DEFAULT_TOL, BlastFactors, _unit_columns, factorize_blast,
-                              output_error, relative_error, split_calib)
+                              output_error)
 from .match import LinearSite
 from .project_ss1 import project_ss1
 from .store import FactorStore, content_hash
@@ -145,5 +145,4 @@ def refresh_layer(layer: nn.Module, site: LinearSite, cand: Candidate, config,
             p.copy_(q)
 
 
-__all__ = ["Factorized", "build_layer", "refresh_layer", "layer_seed", "lowrank_factors",
-           "relative_error", "split_calib"]
+__all__ = ["Factorized", "build_layer", "refresh_layer", "layer_seed", "lowrank_factors"]

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..kernels import ss1_hash
 from .checks import calibration_problem
-from .factorize_blast import relative_error as _relative, split_calib
+from .factorize_blast import relative_error, split_calib
 from .spd_solve import spd_solve
 
 # Relative to the mean diagonal of each block's Gram. Measured held-out output error (96x160,
@@ -143,7 +143,7 @@ def project_ss1(weight: Tensor, compression: int, seed: int = 0, calib: Optional
         sidx = ss1_hash.sketch_index(K, N, compression, seed, block_k, block_n).to(W.device)
         P = _data_aware(W, P, train, sidx, block_n, ridge)
         W_hat = P.reshape(-1)[idx]
-        output_error = _relative(held @ (W - W_hat), held @ W)
+        output_error = relative_error(held @ (W - W_hat), held @ W)
 
-    error = _relative(W - P.reshape(-1)[idx], W)
+    error = relative_error(W - P.reshape(-1)[idx], W)
     return SS1Factors(P.to(device=weight.device, dtype=torch.float32), error, output_error)

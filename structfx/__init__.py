@@ -18,7 +18,7 @@ from .inputs import Inputs
 from .compress import compress
 from .save import CheckpointError, from_pretrained, load, save
 from .backend import backend
-from .distillation import DistillResult, distill
+from .distillation import DistillConfig, DistillResult, distill
 
 # Imported on first use: `import structfx` is also how torch.compile loads the backend (the
 # torch_dynamo_backends entry point), and onnx / onnxscript cost ~0.7 s that compiling never needs.
@@ -40,5 +40,5 @@ def __dir__():
 
 __all__ = ["BlastLinear", "SS1Linear", "Config", "Report", "LayerDecision", "last_report",
            "reports", "clear_reports", "factorize_blast", "project_ss1", "compress", "backend",
-           "export_onnx", "onnx_session", "distill", "DistillResult", "FactorStore", "Inputs",
-           "save", "load", "from_pretrained", "CheckpointError"]
+           "export_onnx", "onnx_session", "distill", "DistillConfig", "DistillResult",
+           "FactorStore", "Inputs", "save", "load", "from_pretrained", "CheckpointError"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import re
 import threading
 import warnings
 from typing import Any, Iterable, Optional
@@ -52,7 +54,14 @@ def capture(model: nn.Module, inputs: Any) -> fx.GraphModule:
     """ATen-level graph of ``model`` (torch.export, non-strict) for ``inputs`` (a tensor, tuple,
     dict or ``Inputs``), every tensor axis dynamic where the model allows it, sizes 1 included
     (an example with batch 1 or sequence 1 does not specialize the graph to 1). Its
-    parameters are still the model's own tensors."""
+    parameters are still the model's own tensors.
+
+    Attempts, each only when the one before failed because of its dynamic dims
+    (``dynamic_shape_failure``): 1. dynamic, sizes 1 not specialized (size-oblivious); 2.
+    dynamic where the model lets sizes vary; 3. static shapes. Any other failure is the
+    model's own and propagates at once, as torch.export raised it (with a note naming the
+    model and inputs); if every attempt fails, the error shows the first failure and the
+    last, and is chained to the first."""
     inp = inputs if isinstance(inputs, Inputs) else normalize(inputs, model)
     if isinstance(model, fx.GraphModule) and not any(
             n.op == "call_module" and n.target == "_guards_fn" for n in model.graph.nodes):
@@ -60,22 +69,63 @@ def capture(model: nn.Module, inputs: Any) -> fx.GraphModule:
         # copy (its submodules are the user's objects).
         return copy.deepcopy(model)
     dyn = dynamic_shapes(model, inp, feature_axis=True)
+    attempts = ([(dyn, True), (dyn, False)] if dyn is not None else []) + [(None, False)]
+    where = f"structfx: torch.export could not capture {type(model).__name__} on {inp.describe()}"
+    errors: list[Exception] = []
     with _LOCK:
-        errors = []
-        # 1. dynamic, sizes 1 not specialized; 2. dynamic where the model lets sizes vary;
-        # 3. static shapes, if no dimension can vary.
-        attempts = ([(dyn, True), (dyn, False)] if dyn is not None else []) + [(None, False)]
         for d, oblivious in attempts:
             try:
                 return _export(model, inp, d, oblivious).module()
-            except Exception as e:  # noqa: BLE001 - retried with fewer dynamic dims
+            except Exception as e:  # noqa: BLE001 - sorted here: only shape failures retry
+                retry = d is not None and dynamic_shape_failure(e)
+                if not errors and not retry:   # the model's own error, as torch raised it
+                    e.add_note(where + (" with dynamic dims; not a dynamic-shape failure, "
+                                        "so static shapes were not tried" if d is not None
+                                        else " with static shapes"))
+                    raise
                 errors.append(e)
-        first, last = errors[0], errors[-1]
-        also = (f" (with dynamic batch / sequence dims first: {type(first).__name__}: {first})"
-                if first is not last else "")
-        raise RuntimeError(f"structfx: torch.export could not capture "
-                           f"{type(model).__name__} on {inp.describe()}: "
-                           f"{type(last).__name__}: {last}{also}") from first
+                if not retry:
+                    break
+    first, last = errors[0], errors[-1]
+    also = (f" (the first attempt, with dynamic batch / sequence dims: "
+            f"{type(first).__name__}: {first})" if first is not last else "")
+    raise RuntimeError(f"{where}: {type(last).__name__}: {last}{also}") from first
+
+
+# Messages of errors raised by code that met a symbolic size: "SymInt", or a backed size
+# symbol ("s77") as torch prints one ("The size of tensor a (s77) must match ...").
+_SYMBOLIC = re.compile(r"\bSym(?:Int|Float|Bool)\b|\bs\d+\b")
+
+
+def dynamic_shape_failure(e: BaseException) -> bool:
+    """Whether a ``torch.export`` failure comes from the dims it was asked to keep dynamic,
+    so that fewer dynamic dims may succeed: a constraint violation
+    (``torch._dynamo.exc.UserError`` of type ``CONSTRAINT_VIOLATION`` / ``DYNAMIC_DIM``,
+    ``ConstraintViolationError``), a guard that can't be decided on a symbolic size
+    (``GuardOnDataDependentSymNode`` on a size symbol, not on a value read from the data), or
+    an op / Python code that refused a symbolic size (its message names one). An error of the
+    model's own (a raise, data-dependent control flow, a shape mismatch static shapes hit too)
+    is not one. Follows the exception's cause / context chain."""
+    from torch._dynamo.exc import UserError, UserErrorType
+    from torch.fx.experimental.symbolic_shapes import (ConstraintViolationError,
+                                                       GuardOnDataDependentSymNode)
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ConstraintViolationError):
+            return True
+        if isinstance(e, UserError) and e.error_type in (UserErrorType.CONSTRAINT_VIOLATION,
+                                                         UserErrorType.DYNAMIC_DIM):
+            return True
+        if isinstance(e, GuardOnDataDependentSymNode):
+            cond = getattr(e, "cond", None)
+            symbols = getattr(cond, "free_symbols", ())
+            return any(str(s).startswith("s") for s in symbols)   # u*: a value, not a size
+        if _SYMBOLIC.search(str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _flat(gm: fx.GraphModule, inp: Inputs, what: str = "example_inputs",
@@ -285,22 +335,34 @@ def _result(model: nn.Module, gm: fx.GraphModule, replaced, layers: dict, output
     return gm
 
 
-def _float_leaves(out) -> list[torch.Tensor]:
+def float_leaves(out) -> list[torch.Tensor]:
+    """The floating-point tensors of a model's output (a tensor, tuple, dict, HF
+    ``ModelOutput``), in pytree order."""
     leaves = torch.utils._pytree.tree_leaves(
         out.to_tuple() if hasattr(out, "to_tuple") else out)  # HF ModelOutput
     return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def relative_output_error(pairs: Iterable[tuple[list, list]]) -> Optional[float]:
+    """``sqrt(sum ||got - ref||^2 / sum ||ref||^2)`` over ``(got, ref)`` pairs, each the
+    ``float_leaves`` of one call of two models on the same inputs (fp64 sums): the relative
+    output error over one call or several batches. None when a pair doesn't line up (a
+    different number of outputs, or shapes) or the reference outputs are all zero."""
+    num = den = 0.0
+    for got, ref in pairs:
+        if len(got) != len(ref) or any(g.shape != r.shape for g, r in zip(got, ref)):
+            return None
+        num += sum(float((g.double() - r.double()).pow(2).sum()) for g, r in zip(got, ref))
+        den += sum(float(r.double().pow(2).sum()) for r in ref)
+    return math.sqrt(num / den) if den > 0 else None
 
 
 def model_output_error(dense: nn.Module, small: nn.Module, inputs: Any) -> Optional[float]:
     """``||small(x) - dense(x)|| / ||dense(x)||`` over the floating-point outputs."""
     inp = inputs if isinstance(inputs, Inputs) else normalize(inputs)
     with torch.no_grad():
-        a, b = _float_leaves(inp.call(dense)), _float_leaves(inp.call(small))
-    if not a or len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
-        return None
-    num = sum(float((y.double() - x.double()).pow(2).sum()) for x, y in zip(a, b))
-    den = sum(float(x.double().pow(2).sum()) for x in a)
-    return (num / den) ** 0.5 if den > 0 else None
+        ref, got = float_leaves(inp.call(dense)), float_leaves(inp.call(small))
+    return relative_output_error([(got, ref)])
 
 
 def _propagate_shapes(gm: fx.GraphModule, flat: list, sites) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 import structfx
 from structfx import BlastLinear, Config, SS1Linear
 from structfx import DistillResult, distill
-from structfx.distillation import _Stats, _virtual_rows
+from structfx.distill_layerwise import LayerStats, virtual_rows
 
 from conftest import assert_untouched, snapshot, tiny_bert
 from conftest import mlp as _mlp
@@ -158,11 +158,11 @@ def test_virtual_rows_give_the_real_loss_up_to_a_constant():
     # ||[X, 1] A^T - Y||^2 - ||Xv A^T - Yv||^2 = const for random affine maps A.
     g = torch.Generator().manual_seed(5)
     X, Y = torch.randn(300, 12, generator=g), torch.randn(300, 7, generator=g)
-    stats = _Stats.empty(12, 7, X.device)
+    stats = LayerStats.empty(12, 7, X.device)
     stats.add(X, Y)
     keep = torch.arange(300) % 8 != 7
     Xa = torch.cat([X[keep], torch.ones(int(keep.sum()), 1)], 1).double()
-    Xv, Yv = _virtual_rows(stats)
+    Xv, Yv = virtual_rows(stats)
     consts = []
     for _ in range(3):
         A = torch.randn(7, 13, generator=g).double()
