@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 import structfx
-from structfx.bench import ort_session
+from structfx.export import ort_session
 from structfx.timing import time_alternating
 
 DATA = Path(__file__).resolve().parent / "data"

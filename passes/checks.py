@@ -56,3 +56,33 @@ def check_calibration(name: str, x: torch.Tensor,
     problem = calibration_problem(x, gram_dtype)
     if problem is not None:
         raise ValueError(f"structfx: layer {name!r}: {problem}")
+
+
+def check_weight(who: str, weight) -> None:
+    """Raise ``ValueError("<who>: ...")`` unless ``weight`` is a finite 2-D floating-point
+    ``(out, in)`` tensor (what every factorization takes)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"{who}: weight must be a 2-D (out, in) tensor, got {shape}")
+    if not weight.is_floating_point():
+        raise ValueError(f"{who}: wrong dtype {weight.dtype}, weight must be floating point")
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"{who}: weight contains NaN or inf")
+
+
+def check_calib_arg(who: str, calib, in_features: int,
+                    gram_dtype: Optional[torch.dtype] = torch.float32) -> None:
+    """Raise ``ValueError("<who>: ...")`` unless ``calib`` ``(..., in_features)`` can drive a
+    data-aware factorization: floating point, at least 2 rows (one is held out), and no
+    ``calibration_problem`` (``gram_dtype`` as there)."""
+    if not isinstance(calib, torch.Tensor) or calib.dim() < 1 or calib.shape[-1] != in_features:
+        shape = tuple(calib.shape) if isinstance(calib, torch.Tensor) else type(calib).__name__
+        raise ValueError(f"{who}: calib must have last dim {in_features} (in_features), "
+                         f"got {shape}")
+    if not calib.is_floating_point():
+        raise ValueError(f"{who}: wrong dtype {calib.dtype} for calib")
+    if calib.reshape(-1, in_features).shape[0] < 2:
+        raise ValueError(f"{who}: calib needs at least 2 rows (one is held out)")
+    problem = calibration_problem(calib, gram_dtype)
+    if problem is not None:
+        raise ValueError(f"{who}: {problem}")

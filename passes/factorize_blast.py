@@ -16,6 +16,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..kernels.reference import blast_dense_weight
+from ..kernels.shapes import block_pair as _pair   # shared with BlastLinear
+from .checks import check_calib_arg, check_weight
 from .spd_solve import pcg_solve, psd_factor, spd_solve
 
 Blocks = Union[int, tuple[int, int]]
@@ -71,17 +73,9 @@ def blast_rank_for_params(out_features: int, in_features: int, blocks: Blocks,
     return max(1, math.floor(params * m * n / (m + n + b1 * b2)))
 
 
-from ..kernels.shapes import block_pair as _pair  # noqa: E402  (shared with BlastLinear)
-
 
 def _check(weight, blocks, rank, steps, calib) -> tuple[int, int]:
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(f"factorize_blast: weight must be a 2-D (out, in) tensor, got {shape}")
-    if not weight.is_floating_point():
-        raise ValueError(f"factorize_blast: wrong dtype {weight.dtype}, weight must be floating point")
-    if not torch.isfinite(weight).all():
-        raise ValueError("factorize_blast: weight contains NaN or inf")
+    check_weight("factorize_blast", weight)
     b1, b2 = _pair(blocks)
     m, n = weight.shape
     if b1 < 1 or b2 < 1:
@@ -93,21 +87,9 @@ def _check(weight, blocks, rank, steps, calib) -> tuple[int, int]:
         raise ValueError(f"factorize_blast: rank must be an integer >= 1, got {rank!r}")
     if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"factorize_blast: steps must be an integer >= 0, got {steps!r}")
-    if calib is not None:
-        if not isinstance(calib, Tensor) or calib.dim() < 1 or calib.shape[-1] != n:
-            shape = tuple(calib.shape) if isinstance(calib, Tensor) else type(calib).__name__
-            raise ValueError(f"factorize_blast: calib must have last dim {n} (in_features), "
-                             f"got {shape}")
-        if not calib.is_floating_point():
-            raise ValueError(f"factorize_blast: wrong dtype {calib.dtype} for calib")
-        if calib.reshape(-1, n).shape[0] < 2:
-            raise ValueError("factorize_blast: calib needs at least 2 rows (one is held out)")
-        from .checks import calibration_problem  # NaN / inf, or a Gram that overflows
-
-        problem = calibration_problem(calib, torch.float64 if weight.dtype == torch.float64
-                                      else torch.float32)
-        if problem is not None:
-            raise ValueError(f"factorize_blast: {problem}")
+    if calib is not None:   # NaN / inf, or a Gram that overflows the working dtype
+        check_calib_arg("factorize_blast", calib, n,
+                        torch.float64 if weight.dtype == torch.float64 else torch.float32)
     return b1, b2
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import ss1_hash
-from .checks import calibration_problem
+from .checks import check_calib_arg, check_weight
 from .factorize_blast import relative_error, split_calib
 from .spd_solve import spd_solve
 
@@ -43,13 +43,7 @@ def ss1_compression_for_params(params: float) -> int:
 
 
 def _check(weight, compression, calib, block_k, block_n, ridge):
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(f"project_ss1: weight must be a 2-D (out, in) tensor, got {shape}")
-    if not weight.is_floating_point():
-        raise ValueError(f"project_ss1: wrong dtype {weight.dtype}, weight must be floating point")
-    if not torch.isfinite(weight).all():
-        raise ValueError("project_ss1: weight contains NaN or inf")
+    check_weight("project_ss1", weight)
     N, K = weight.shape
     if isinstance(compression, numbers.Integral) and not isinstance(compression, bool):
         compression = int(compression)  # numpy ints are fine; floats / bools are not
@@ -57,18 +51,8 @@ def _check(weight, compression, calib, block_k, block_n, ridge):
     if not (isinstance(ridge, numbers.Real) and ridge > 0):
         raise ValueError(f"project_ss1: ridge must be > 0, got {ridge!r}")
     if calib is not None:
-        if not isinstance(calib, Tensor) or calib.dim() < 1 or calib.shape[-1] != K:
-            shape = tuple(calib.shape) if isinstance(calib, Tensor) else type(calib).__name__
-            raise ValueError(f"project_ss1: calib must have last dim {K} (in_features), "
-                             f"got {shape}")
-        if not calib.is_floating_point():
-            raise ValueError(f"project_ss1: wrong dtype {calib.dtype} for calib")
-        if calib.reshape(-1, K).shape[0] < 2:
-            raise ValueError("project_ss1: calib needs at least 2 rows (one is held out)")
         # Finite is all it takes: the rows are rescaled before the Gram is formed.
-        problem = calibration_problem(calib, gram_dtype=None)
-        if problem is not None:
-            raise ValueError(f"project_ss1: {problem}")
+        check_calib_arg("project_ss1", calib, K, gram_dtype=None)
     return compression
 
 

@@ -316,19 +316,6 @@ def file_size(path: str) -> int:
     return os.path.getsize(path) + (os.path.getsize(data) if os.path.exists(data) else 0)
 
 
-def ort_session(path: str, threads: Optional[int], providers: Optional[list] = None):
-    """``structfx.onnx_session`` with ``threads`` intra-op threads (None: onnxruntime's
-    default), quiet; ``providers`` as for ``onnx_session`` (None: the best one here)."""
-    import onnxruntime as ort
-
-    from structfx.export import onnx_session
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return onnx_session(path, providers=providers, sess_options=options, verbose=False)
-
-
 def time_alternating(fns: dict[str, Callable[[], object]], budget_s: float,
                      rounds: int = 3) -> dict[str, float]:
     """Median ms of each function, the functions taking turns over ``rounds`` (the lowest
@@ -388,6 +375,8 @@ def onnx_bench(args) -> dict:
         export_program(small, (example,), paths["structured"])
         export_s = time.perf_counter() - t0
         sizes = {k: file_size(p) for k, p in paths.items()}
+        from structfx.export import ort_session
+
         sessions = {k: ort_session(p, args.threads) for k, p in paths.items()}
         provider = sessions["structured"].structfx_provider
         print(f"device: {device_name(torch.device('cuda' if 'CUDA' in provider else 'cpu'))} | "

@@ -164,3 +164,14 @@ def onnx_session(path, providers: Optional[Sequence] = None, sess_options=None, 
         print(f"structfx: onnxruntime {ort.__version__} runs {Path(path).name} on "
               f"{session.structfx_provider}")
     return session
+
+
+def ort_session(path: str, threads: Optional[int], providers: Optional[list] = None):
+    """``structfx.onnx_session`` with ``threads`` intra-op threads (None: onnxruntime's
+    default), quiet; ``providers`` as for ``onnx_session`` (None: the best one here)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return onnx_session(path, providers=providers, sess_options=options, verbose=False)

@@ -12,17 +12,13 @@ import structfx
 from structfx import Config
 from structfx.backend import TRAINING_SKIP
 
-from conftest import run_in_threads
+from conftest import rel, run_in_threads
 
 CFG = Config(params=0.5, min_params=4096, progress=False, steps=30, estimate_steps=5,
              force=True, blocks=(1, 2), rank_fractions=(0.25, 0.5))
 # One candidate per layer and a budget only met by replacing every big layer: the choice does
 # not depend on the weights, so a fresh compress() is the reference after a weight change.
 FIXED = CFG.replace(blocks=(2,), rank_fractions=(0.375,))
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def mlp(seed=0):
