@@ -56,17 +56,19 @@ class StructuredLoraLinear(_PeftLoraLinear):
     BLAST factors (exact, rank + r) instead of a dense weight."""
 
     def __init__(self, base_layer, adapter_name: str, config, **kwargs) -> None:
-        structured = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") \
-            else base_layer
-        where = kwargs.get("target_name") or type(structured).__name__
-        init = config.init_lora_weights
-        if not any(init is ok or (isinstance(ok, str) and init == ok) for ok in _INITS):
-            raise ValueError(f"structfx.lora: layer {where!r} ({type(structured).__name__}): "
-                             f"init_lora_weights={init!r} reads the dense base weight, which a "
-                             f"structured layer does not have; use True, False or 'gaussian'")
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
         self.fan_in_fan_out = False  # the structured layers compute x @ W.T, like nn.Linear
         self._merged_ranks: list[int] = []
+
+    def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs) -> None:
+        # also the path of a second adapter added to this layer (PEFT calls update_layer)
+        init = config.init_lora_weights
+        if not any(init is ok or (isinstance(ok, str) and init == ok) for ok in _INITS):
+            raise ValueError(f"structfx.lora: layer {self._where()!r} "
+                             f"({type(self.get_base_layer()).__name__}): init_lora_weights="
+                             f"{init!r} reads the dense base weight, which a structured layer "
+                             f"does not have; use True, False or 'gaussian'")
+        super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
 
     def _get_in_out_features(self, module):
         # PEFT's generic lookup warns "Unsupported layer type" for layers it doesn't know

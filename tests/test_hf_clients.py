@@ -308,6 +308,15 @@ def test_lora_variants_on_structured_layers_are_clear_errors(compressed, kw, msg
     target = ARCH[name]["structured"]
     with pytest.raises(ValueError, match=msg.format(target)):
         _lora(small, [target], **kw)
+    # the same check for a second adapter added to an already wrapped layer
+    import peft
+
+    import structfx.lora
+
+    pm = _lora(small, [target])
+    config = structfx.lora.register(peft.LoraConfig(r=2, target_modules=[target], **kw))
+    with pytest.raises(ValueError, match=msg.format(target)):
+        pm.add_adapter("second", config)
 
 
 def test_ss1_layers_take_lora_but_refuse_to_merge():
