@@ -131,6 +131,47 @@ class BlastLinear(nn.Module):
     def num_structured_params(self) -> int:
         return self.U.numel() + self.S.numel() + self.V.numel()
 
+    def add_low_rank_(self, B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> None:
+        """``W += scale * B @ A`` exactly (``B`` ``(out_features, k)``, ``A``
+        ``(k, in_features)``), by growing the rank by ``k``: block ``(i, j)`` of ``B @ A`` is
+        ``B_i @ A_j``, so ``U[i]`` gains the columns ``B_i``, ``V[j]`` the columns ``A_j.T`` and
+        ``S[i, j]`` ``k`` entries equal to ``scale``. This is how a LoRA adapter merges into a
+        BLAST layer (``structfx.lora``). ``U, S, V`` become new parameters (``requires_grad``
+        kept): an optimizer holding the old ones must be rebuilt."""
+        m, n = self.out_features, self.in_features
+        if B.dim() != 2 or A.dim() != 2 or B.shape[0] != m or A.shape[1] != n or \
+                B.shape[1] != A.shape[0]:
+            raise ValueError(f"BlastLinear.add_low_rank_: expected B (out_features={m}, k) and "
+                             f"A (k, in_features={n}), got B {tuple(B.shape)}, A "
+                             f"{tuple(A.shape)}")
+        k = B.shape[1]
+        (b1, b2), p, q = self.blocks, self.U.shape[1], self.V.shape[1]
+        kw = dict(dtype=self.U.dtype, device=self.U.device)
+        with torch.no_grad():
+            Bp = torch.zeros(b1 * p, k, **kw)
+            Bp[:m] = B.detach()
+            Ap = torch.zeros(b2 * q, k, **kw)
+            Ap[:n] = A.detach().t()
+            S_new = torch.full((b1, b2, k), float(scale), **kw)
+            self._set_factors(torch.cat([self.U, Bp.reshape(b1, p, k)], -1),
+                              torch.cat([self.S, S_new], -1),
+                              torch.cat([self.V, Ap.reshape(b2, q, k)], -1))
+
+    def truncate_rank_(self, rank: int) -> None:
+        """Keep the first ``rank`` components of ``U, S, V`` (undoes ``add_low_rank_``)."""
+        if not isinstance(rank, int) or not 1 <= rank <= self.rank:
+            raise ValueError(f"BlastLinear.truncate_rank_: rank must be in 1..{self.rank}, "
+                             f"got {rank!r}")
+        with torch.no_grad():
+            self._set_factors(self.U[..., :rank], self.S[..., :rank], self.V[..., :rank])
+
+    def _set_factors(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
+        for name, t in (("U", U), ("S", S), ("V", V)):
+            old = getattr(self, name)
+            t = torch.clone(t.detach(), memory_format=torch.contiguous_format).to(old.dtype)
+            setattr(self, name, nn.Parameter(t, requires_grad=old.requires_grad))
+        self.rank = U.shape[-1]
+
     def extra_repr(self) -> str:
         kept = self.num_structured_params() / (self.in_features * self.out_features)
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
