@@ -292,7 +292,9 @@ def main(argv=None) -> None:
                          "another kind of text)")
     ap.add_argument("--calib-blend", default="0",
                     help="comma list of Config.calib_blend values for data-aware runs "
-                         "(0: calibration Gram alone, 1: data-free objective)")
+                         "(0: calibration Gram alone, 1: data-free objective); default 0, "
+                         "as the tables of docs/minilm.md were measured (structfx's default "
+                         "is Config().calib_blend)")
     ap.add_argument("--distill", action="store_true",
                     help="also structfx.distill() every data-initialized model")
     ap.add_argument("--distill-steps", type=int, default=100, help="Adam steps per layer")
