@@ -95,7 +95,7 @@ class Config:
     rank_fractions: Sequence[float] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
     steps: int = 300                      # BLAST descent: at most this many (stops on convergence)
     estimate_steps: int = 15
-    calib_blend: float = 0.1              # data-aware: share of the data-free objective
+    calib_blend: float = 0.0              # data-aware: share of the data-free objective
     seed: int = 0
     device: Optional[str] = None          # device-table entry for the cost model; None: current
     time_candidates: bool = False         # time candidates on the device instead of estimating
