@@ -12,9 +12,11 @@ def test_quick_mlp_case_reports_its_own_work():
     assert r["seconds"] > 0 and r["model_bytes"] == 4 * (2 * 128 * 512 + 128 * 128 + 512 + 2 * 128)
     assert r["peak_rss"] >= r["rss_before"] > 0
     assert r["compress_peak_extra"] is None or r["compress_peak_extra"] >= 0
-    # one estimate per layer, a factorization per replaced layer
-    assert r["estimations"] == r["layers"] == 3
-    assert r["factorizations"] == r["replaced"] >= 1
+    # one estimate per layer offered a candidate (which ones the cost model predicts faster
+    # than dense depends on this machine), a factorization per replaced layer
+    assert r["layers"] == 3
+    assert r["replaced"] <= r["estimations"] <= r["layers"]
+    assert r["factorizations"] == r["replaced"]
     for e in r["estimates"]:     # data-free: the estimate is the weight error select priced
         assert e["relative"] == pytest.approx(e["estimate"] / e["final"] - 1)
 
