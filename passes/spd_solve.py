@@ -70,14 +70,14 @@ def pcg_solve(A: Tensor, b: Tensor, *, rtol: float = 1e-6, max_iter: int = 64) -
     matrix-vector product. Stops when every system's residual is below ``rtol`` of its
     right-hand side, or after ``max_iter`` iterations; every iterate from ``x = 0`` lowers
     ``1/2 x^T A x - b^T x``, so an early stop is still a descent direction for it."""
-    dinv = 1.0 / A.diagonal(dim1=-2, dim2=-1).clamp_min(torch.finfo(A.dtype).tiny)
+    tiny = torch.finfo(A.dtype).tiny
+    dinv = 1.0 / A.diagonal(dim1=-2, dim2=-1).clamp_min(tiny)
     x = torch.zeros_like(b)
     r = b.clone()
     z = r * dinv
     p = z.clone()
     rz = (r * z).sum(-1, keepdim=True)
     stop = (rtol * b.norm(dim=-1)).pow(2)
-    tiny = torch.finfo(A.dtype).tiny
     for it in range(min(max_iter, A.shape[-1])):
         Ap = (A @ p.unsqueeze(-1)).squeeze(-1)
         alpha = rz / (p * Ap).sum(-1, keepdim=True).clamp_min(tiny)

@@ -30,14 +30,22 @@ CASES = ("mlp", "demo", "minilm", "llama")
 DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
 
 
-def _peak_rss() -> int:
-    """Peak resident set size of this process in bytes (Linux VmHWM)."""
+def _status_bytes(field: str) -> Optional[int]:
+    """A ``kB`` field of /proc/self/status (``VmHWM``, ``VmRSS``) in bytes; None off Linux."""
     try:
         for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def _peak_rss() -> int:
+    """Peak resident set size of this process in bytes (Linux VmHWM)."""
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -45,13 +53,7 @@ def _peak_rss() -> int:
 
 def _rss() -> int:
     """Resident set size of this process now, in bytes (Linux VmRSS; 0 where unknown)."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _status_bytes("VmRSS") or 0
 
 
 def _reset_peak() -> bool:

@@ -91,6 +91,31 @@ def tiny_gpt2(vocab: int = 100, hidden: int = 128, lm_head: bool = True):
     return (transformers.GPT2LMHeadModel if lm_head else transformers.GPT2Model)(cfg).eval()
 
 
+def generating_gpt2():
+    """A seeded random-weight ``GPT2LMHeadModel`` as users load it (stock ``use_cache=True``,
+    token ids 0 for bos / eos / pad, so ``.generate()`` runs), eval mode."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def generating_llama():
+    """The same for ``LlamaForCausalLM`` (2 layers, grouped-query attention)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64,
+                                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
 def run_in_threads(work, n: int = 2) -> list:
     """Run ``work(k)`` for k in range(n) in n threads at once; return the exceptions raised."""
     import threading

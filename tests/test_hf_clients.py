@@ -21,24 +21,10 @@ import structfx
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import generating_gpt2 as gpt2, generating_llama as llama  # noqa: E402
+
 CFG = structfx.Config(params=0.5, min_params=0, force=True, blocks=(2,), rank_fractions=(0.5,),
                       compressions=(2,), steps=5, estimate_steps=1, progress=False)
-
-
-def gpt2():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
-
-
-def llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64,
-                                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 # The attention projections stay dense, the MLP becomes BLAST: LoRA targets one of each.
