@@ -22,7 +22,22 @@ def calibration_problem(x: torch.Tensor, gram_dtype: Optional[torch.dtype] = tor
     """What makes ``x`` ``(..., in_features)`` unusable as calibration inputs, or None.
 
     Non-finite values (NaN / inf), and, with ``gram_dtype``, values so large that ``X^T X``
-    overflows that dtype (activations of 1e20 are finite but their squares are not in fp32)."""
+    overflows that dtype (activations of 1e20 are finite but their squares are not in fp32).
+    ``x`` may be a ``calib_stats.CalibStats`` (the streamed form of the rows)."""
+    from .calib_stats import CalibStats
+
+    if isinstance(x, CalibStats):
+        if x.problem is not None:
+            return x.problem
+        if not x.rows:
+            return "calibration inputs are empty"
+        if gram_dtype is not None:
+            diag = float((x.gram.diagonal() + x.held.double().pow(2).sum(0)).max())
+            if diag > torch.finfo(gram_dtype).max / _GRAM_HEADROOM:
+                return (f"calibration inputs are too large (max |x| = {x.max_abs:.3g}): "
+                        f"their Gram matrix X^T X overflows {gram_dtype}; scale the inputs "
+                        f"down or check the model")
+        return None
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         return f"calibration inputs must be a floating-point tensor, got {what}"
@@ -72,17 +87,28 @@ def check_weight(who: str, weight) -> None:
 
 def check_calib_arg(who: str, calib, in_features: int,
                     gram_dtype: Optional[torch.dtype] = torch.float32) -> None:
-    """Raise ``ValueError("<who>: ...")`` unless ``calib`` ``(..., in_features)`` can drive a
-    data-aware factorization: floating point, at least 2 rows (one is held out), and no
-    ``calibration_problem`` (``gram_dtype`` as there)."""
-    if not isinstance(calib, torch.Tensor) or calib.dim() < 1 or calib.shape[-1] != in_features:
-        shape = tuple(calib.shape) if isinstance(calib, torch.Tensor) else type(calib).__name__
-        raise ValueError(f"{who}: calib must have last dim {in_features} (in_features), "
-                         f"got {shape}")
-    if not calib.is_floating_point():
-        raise ValueError(f"{who}: wrong dtype {calib.dtype} for calib")
-    if calib.reshape(-1, in_features).shape[0] < 2:
-        raise ValueError(f"{who}: calib needs at least 2 rows (one is held out)")
+    """Raise ``ValueError("<who>: ...")`` unless ``calib`` (rows ``(..., in_features)`` or
+    ``CalibStats``) can drive a data-aware factorization: floating point, at least 2 rows (one
+    is held out), and no ``calibration_problem`` (``gram_dtype`` as there)."""
+    from .calib_stats import CalibStats
+
+    if isinstance(calib, CalibStats):
+        if calib.in_features != in_features:
+            raise ValueError(f"{who}: calib must have last dim {in_features} (in_features), "
+                             f"got statistics of {calib.in_features}")
+        if calib.rows < 2:
+            raise ValueError(f"{who}: calib needs at least 2 rows (one is held out)")
+    else:
+        if not isinstance(calib, torch.Tensor) or calib.dim() < 1 or \
+                calib.shape[-1] != in_features:
+            shape = tuple(calib.shape) if isinstance(calib, torch.Tensor) else \
+                type(calib).__name__
+            raise ValueError(f"{who}: calib must have last dim {in_features} (in_features), "
+                             f"got {shape}")
+        if not calib.is_floating_point():
+            raise ValueError(f"{who}: wrong dtype {calib.dtype} for calib")
+        if calib.reshape(-1, in_features).shape[0] < 2:
+            raise ValueError(f"{who}: calib needs at least 2 rows (one is held out)")
     problem = calibration_problem(calib, gram_dtype)
     if problem is not None:
         raise ValueError(f"{who}: {problem}")

@@ -5,11 +5,12 @@
   ``W K`` (``K K^T`` the Gram of the fit rows), whose truncation is the output-optimal rank-k
   layer (SVD-LLM); its held-out output error for every ``k`` is a weighted tail sum.
 * BLAST at b >= 2: one factorization at the grid's largest rank, cut to each smaller rank
-  (``factorize_blast.blast_error_curve``): one per (layer, b), not one per candidate.
+  (``factorize_blast.blast_error_curve``): one per (layer, b), not one per candidate. With
+  calibration rows, never above the low-rank error at the same rank (the final's start).
 * SS1: the projection is closed form; it is the estimate.
 
 With calibration rows a candidate is priced by its output error on the held-out rows (the one
-rule, ``factorize_blast.split_calib``); data-free, by its weight error.
+rule, ``calib_stats``); data-free, by its weight error.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .factorize_blast import LOWRANK_RIDGE, blast_error_curve, blend_gram, split_calib
+from .calib_stats import calib_stats
+from .factorize_blast import LOWRANK_RIDGE, blast_error_curve, blend_gram
 from .project_ss1 import project_ss1
 from .spd_solve import psd_factor
 
@@ -54,9 +56,9 @@ def lowrank_spectrum(weight: Tensor, calib: Optional[Tensor] = None, blend: floa
         def tails(k: int):
             return math.sqrt(float(w2[k:].sum()) / total) if total > 0 else 0.0, None
         return A, B, tails
-    X = calib.detach().double().reshape(-1, n)
-    fit, held = split_calib(X)
-    C = blend_gram(fit.mT @ fit, blend)
+    st = calib_stats(calib)
+    held = st.held.to(device=W.device, dtype=torch.float64)
+    C = blend_gram(st.gram.to(W.device), blend)
     K = psd_factor(C, LOWRANK_RIDGE * C.diagonal().mean().clamp_min(1e-300))
     U, s, Vh = torch.linalg.svd(W @ K, full_matrices=False)
     Bm = torch.linalg.solve_triangular(K, Vh, upper=False, left=False).mT     # K^-T v_i
@@ -80,6 +82,7 @@ def estimate_candidates(weight: Tensor, candidates: list, *, seed: int, ss1_seed
                         blend: float = 0.0) -> list[Estimate]:
     """One ``Estimate`` per candidate (dense first: error 0)."""
     out: list[Optional[Estimate]] = [None] * len(candidates)
+    calib = None if calib is None else calib_stats(calib)    # the Gram once, for every candidate
     by_blocks: dict[tuple, list[int]] = {}
     for i, c in enumerate(candidates):
         if c.structure == "dense":
@@ -89,14 +92,21 @@ def estimate_candidates(weight: Tensor, candidates: list, *, seed: int, ss1_seed
             out[i] = Estimate(f.error, f.output_error)
         else:
             by_blocks.setdefault(tuple(c.blocks), []).append(i)
+    tails = None
     for blocks, idx in by_blocks.items():
         ranks = [candidates[i].rank for i in idx]
+        if tails is None and (blocks == (1, 1) or calib is not None):
+            tails = lowrank_spectrum(weight, calib, blend)[2]
         if blocks == (1, 1):
-            _, _, tails = lowrank_spectrum(weight, calib, blend)
             errs = [tails(r) for r in ranks]
         else:
             errs = blast_error_curve(weight, blocks, ranks, steps, calib, seed=seed,
                                      blend=blend)
+            if calib is not None:
+                # Data-aware BLAST starts from the whitened rank-r SVD (the low-rank layer at
+                # the same rank) and its descent never increases the fit objective: the final
+                # is at least as good as that start, whichever the short curve says.
+                errs = [min(e, tails(r), key=lambda t: t[1]) for e, r in zip(errs, ranks)]
         for i, (we, oe) in zip(idx, errs):
             out[i] = Estimate(we, oe)
     return out

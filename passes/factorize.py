@@ -15,13 +15,14 @@ import torch
 from torch import nn
 
 from ..layers import BlastLinear, SS1Linear
+from .calib_stats import calib_digest
 from .cost_model import Candidate
 from .estimate import lowrank_spectrum
 from .factorize_blast import (DEFAULT_TOL, BlastFactors, _unit_columns, factorize_blast,
                               output_error)
 from .match import LinearSite
 from .project_ss1 import project_ss1
-from .store import FactorStore, content_hash
+from .store import FactorStore
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def lowrank_factors(weight: torch.Tensor, rank: int, calib: Optional[torch.Tenso
 
 
 def _settings(site: LinearSite, cand: Candidate, config, calib: Optional[torch.Tensor]) -> dict:
-    s = {"structure": cand.structure, "calib": None if calib is None else content_hash(calib)}
+    s = {"structure": cand.structure, "calib": None if calib is None else calib_digest(calib)}
     if calib is not None and cand.structure == "blast" and config.calib_blend:
         s["blend"] = config.calib_blend
     if is_lowrank(cand):

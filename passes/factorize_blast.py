@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..kernels.reference import blast_dense_weight
 from ..kernels.shapes import block_pair as _pair   # shared with BlastLinear
+from .calib_stats import calib_stats
 from .checks import check_calib_arg, check_weight
 from .spd_solve import pcg_solve, psd_factor, spd_solve
 
@@ -56,7 +57,6 @@ MAX_CANCELLATION = 30.0
 # one anyway (damped, capped by its parabola), and 1e-4 instead of 1e-6 halves the iterations
 # with the same final errors to 1e-5 (data-free and data-aware, tests/test_factorize.py).
 S_STEP_RTOL = 1e-4
-HOLDOUT_EVERY = 8  # every 8th calibration row (12.5%) is held out for ``output_error``
 
 
 class BlastFactors(NamedTuple):
@@ -470,9 +470,9 @@ def _prepare(weight: Tensor, b1: int, b2: int, calib: Optional[Tensor],
     # only (C ~ diagonal), whitening alone is as good (0.144 vs 0.149).
     C = L = held = None
     if calib is not None:
-        X = calib.detach().to(device=W.device, dtype=dtype).reshape(-1, n)
-        train, held = split_calib(X)
-        C, L = _whitening(train, b2, q, blend)
+        st = calib_stats(calib)
+        held = st.held.to(device=W.device, dtype=dtype)
+        C, L = _whitening(st.cov(dtype, W.device), b2, q, blend)
         Wb = Wb @ L[None]
         C = _whitened_cov(C, L)
     # Work on W / RMS (folded back into S): damping and step sizes are then independent of the
@@ -514,10 +514,10 @@ def factorize_blast(weight: Tensor, blocks: Blocks, rank: int, steps: int = DEFA
     Up to ``steps`` iterations of preconditioned descent, step size decaying linearly from
     ``lr`` to 0, from an SVD start (``init="svd"``) or the authors' tiny random one
     (``"random"``, drawn from ``seed``); ``tol > 0`` stops early once the relative error
-    gains less than ``tol`` per step. ``calib`` ``(..., n)``: inputs seen by the layer; the
-    objective becomes the output error on them, with every ``HOLDOUT_EVERY``-th row held out
-    to report ``output_error``; ``blend``: how much of the data-free objective to keep
-    (``blend_gram``). Factors come back in fp32 on ``weight``'s device, with the
+    gains less than ``tol`` per step. ``calib`` ``(..., n)``: inputs seen by the layer (or
+    their ``calib_stats.CalibStats``); the objective becomes the output error on them, with
+    every ``calib_stats.HOLDOUT_EVERY``-th row held out to report ``output_error``; ``blend``:
+    how much of the data-free objective to keep (``blend_gram``). Factors come back in fp32 on ``weight``'s device, with the
     padded shapes ``(b1, p, r)``, ``(b1, b2, r)``, ``(b2, q, r)`` and unit-norm columns in
     ``U``, ``V``.
     """
@@ -575,15 +575,13 @@ def blend_gram(C: Tensor, blend: float) -> Tensor:
                                                         device=C.device)
 
 
-def _whitening(X: Tensor, b2: int, q: int, blend: float = 0.0) -> tuple[Tensor, Tensor]:
-    """``C = X^T X / N`` (padded to ``b2 q``) and the Cholesky factors ``L[j]`` of its diagonal
-    blocks. The relative ridge covers rank-deficient blocks (few rows, padding coordinates);
-    1e-4..1e-1 gave the same held-out error within 2%."""
-    Xp = torch.nn.functional.pad(X, (0, b2 * q - X.shape[1]))
-    C = Xp.mT @ Xp / X.shape[0]
-    if blend:   # the padding coordinates stay at zero variance
-        C = blend_gram(C[:X.shape[1], :X.shape[1]], blend)
-        C = torch.nn.functional.pad(C, (0, b2 * q - X.shape[1], 0, b2 * q - X.shape[1]))
+def _whitening(C: Tensor, b2: int, q: int, blend: float = 0.0) -> tuple[Tensor, Tensor]:
+    """The fit rows' covariance ``C`` ``(n, n)`` (blended, padded to ``b2 q``) and the Cholesky
+    factors ``L[j]`` of its diagonal blocks. The relative ridge covers rank-deficient blocks
+    (few rows, padding coordinates); 1e-4..1e-1 gave the same held-out error within 2%."""
+    n = C.shape[0]
+    C = blend_gram(C, blend)        # the padding coordinates stay at zero variance
+    C = torch.nn.functional.pad(C, (0, b2 * q - n, 0, b2 * q - n))
     Cjj = C.reshape(b2, q, b2, q).diagonal(dim1=0, dim2=2).permute(2, 0, 1)      # (b2, q, q)
     lam = WHITEN_RIDGE * Cjj.diagonal(dim1=-2, dim2=-1).mean().clamp_min(1e-30)
     return C, psd_factor(Cjj, lam)
@@ -596,15 +594,6 @@ def _whitened_cov(C: Tensor, L: Tensor) -> Tensor:
     Cb = torch.linalg.solve_triangular(L[:, None], Cb, upper=False)
     Cb = torch.linalg.solve_triangular(L.mT[None], Cb, upper=True, left=False)
     return Cb.transpose(1, 2).reshape(b2 * q, b2 * q)
-
-
-def split_calib(X: Tensor) -> tuple[Tensor, Tensor]:
-    """Deterministic split of calibration rows: every ``HOLDOUT_EVERY``-th row is held out
-    (at least one), spread over the data rather than taken from its end."""
-    held = torch.arange(X.shape[0], device=X.device) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
-    if not held.any():
-        held[-1] = True
-    return X[~held], X[held]
 
 
 def relative_error(diff: Tensor, ref: Tensor) -> float:

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from ..kernels import ss1_hash
 from .checks import check_calib_arg, check_weight
-from .factorize_blast import relative_error, split_calib
+from .calib_stats import calib_stats
+from .factorize_blast import relative_error
 from .spd_solve import spd_solve
 
 # Relative to the mean diagonal of each block's Gram. Measured held-out output error (96x160,
@@ -64,9 +65,10 @@ def _mean_projection(W: Tensor, idx: Tensor, numel: int) -> Tensor:
     return torch.where(count > 0, total / count.clamp_min(1), 0)
 
 
-def _data_aware(W: Tensor, P0: Tensor, X: Tensor, sidx: Tensor, block_n: int,
+def _data_aware(W: Tensor, P0: Tensor, C: Tensor, sidx: Tensor, block_n: int,
                 ridge: float) -> Tensor:
-    """Per column block ``j``: ``min ||X W_j - Xs_j P_j^T||^2 + lam ||P_j - P0_j||^2``.
+    """Per column block ``j``: ``min ||X W_j - Xs_j P_j^T||^2 + lam ||P_j - P0_j||^2``, from the
+    fit rows' Gram ``C = X^T X``.
 
     ``Xs_j = X_pad S_j`` (``S_j`` sums the ``c`` rotated chunks), so the normal equations
     need only ``C = X^T X``: ``G_j = S_j^T C S_j``, right-hand side ``S_j^T C W_j``. Both are
@@ -75,8 +77,7 @@ def _data_aware(W: Tensor, P0: Tensor, X: Tensor, sidx: Tensor, block_n: int,
     calibration rows never excite keep the weight-space optimum instead of being zeroed."""
     K, N = W.shape
     n_blocks, c, K_red = sidx.shape
-    Xp = torch.nn.functional.pad(X, (0, 1))                        # column K: padding, reads 0
-    C = Xp.mT @ Xp                                                 # (K+1, K+1)
+    C = torch.nn.functional.pad(C, (0, 1, 0, 1))                   # column K: padding, reads 0
     Wp = torch.nn.functional.pad(W, (0, n_blocks * block_n - N, 0, 1))
     CW = (C @ Wp).reshape(K + 1, n_blocks, block_n).transpose(0, 1)  # (n_blocks, K+1, BN)
     P0b = torch.nn.functional.pad(P0, (0, 0, 0, n_blocks * block_n - N))
@@ -119,13 +120,14 @@ def project_ss1(weight: Tensor, compression: int, seed: int = 0, calib: Optional
     P = _mean_projection(W, idx, N * K_red).reshape(N, K_red)
     output_error = None
     if calib is not None:
-        X = calib.detach().to(device=W.device, dtype=torch.float64).reshape(-1, K)
+        st = calib_stats(calib)
         # The solution and the errors are invariant to the inputs' scale (the ridge is
         # relative): normalize so that X^T X can't overflow (activations of 1e20 are finite).
-        X = (X / X.abs().amax().clamp_min(1e-300)).to(dtype)
-        train, held = split_calib(X)
+        scale = max(st.max_abs, 1e-300)
+        C = (st.gram.to(W.device) / scale ** 2).to(dtype)
+        held = (st.held.to(device=W.device, dtype=torch.float64) / scale).to(dtype)
         sidx = ss1_hash.sketch_index(K, N, compression, seed, block_k, block_n).to(W.device)
-        P = _data_aware(W, P, train, sidx, block_n, ridge)
+        P = _data_aware(W, P, C, sidx, block_n, ridge)
         W_hat = P.reshape(-1)[idx]
         output_error = relative_error(held @ (W - W_hat), held @ W)
 

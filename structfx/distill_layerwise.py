@@ -14,7 +14,7 @@ Where each layer's inputs and targets come from (``mode``):
   ``"student"``: the compressed model's own inputs, the dense layer applied to them;
   ``"teacher"``: the teacher's inputs and outputs (every layer on its own; errors add up).
 
-Every 8th input row (``factorize_blast.HOLDOUT_EVERY``, the rows factorize holds out) is held
+Every 8th input row (``calib_stats.HOLDOUT_EVERY``, the rows factorize holds out) is held
 out of the fit; each layer's error before and after is measured on those rows, and a layer
 whose held-out error the fit made worse is put back.
 
@@ -38,7 +38,7 @@ from .inputs import Inputs
 from .layers import BlastLinear, SS1Linear
 from .passes.checks import calibration_problem
 from .passes.cost_model import describe_layer
-from .passes.factorize_blast import HOLDOUT_EVERY  # the same hold-out rows as factorize
+from .passes.calib_stats import HOLDOUT_EVERY  # the same hold-out rows as factorize
 
 STRUCTURED = (BlastLinear, SS1Linear)
 MAX_HELD_ROWS = 4096     # memory cap on the held-out rows kept per layer

@@ -27,7 +27,8 @@ from .passes.estimate import Estimate, estimate_candidates
 from .passes.factorize import Factorized, build_layer, layer_seed
 from .passes.match import LinearSite
 from .passes.select import Option, candidate_grid, select
-from .passes.store import FactorStore, content_hash, decision_settings
+from .passes.calib_stats import CalibStats, StatsRecorder, calib_digest
+from .passes.store import FactorStore, decision_settings
 
 
 @dataclass(frozen=True)
@@ -54,33 +55,68 @@ class Result:
 
 
 # ----------------------------------------------------------------------------- record
-def record_inputs(gm: fx.GraphModule, sites: Sequence[LinearSite],
-                  batches: Sequence[Sequence], max_rows: int = 8192) -> dict[str, torch.Tensor]:
-    """Input rows ``(N, in_features)`` each site sees when ``gm`` runs on ``batches``. Sites
-    reading the same node (q, k and v projections) share one tensor."""
+def _record(gm: fx.GraphModule, sites: Sequence[LinearSite], batches: Sequence[Sequence],
+            take) -> dict[fx.Node, list[str]]:
+    """Run ``gm`` on ``batches``; ``take(node, value)`` for every value of a node some site
+    reads. Returns the watched nodes and the sites reading each."""
     watch: dict[fx.Node, list[str]] = {}
     for s in sites:
         watch.setdefault(s.x, []).append(s.name)
-    rows: dict[fx.Node, list[torch.Tensor]] = {n: [] for n in watch}
 
     class Rec(fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
             if n in watch and isinstance(out, torch.Tensor):
-                have = sum(r.shape[0] for r in rows[n])
-                if have < max_rows:
-                    rows[n].append(out.detach().reshape(-1, out.shape[-1])[: max_rows - have])
+                take(n, out)
             return out
 
     with torch.no_grad():
         for batch in batches:
             Rec(gm).run(*batch)
+    return watch
+
+
+def record_inputs(gm: fx.GraphModule, sites: Sequence[LinearSite],
+                  batches: Sequence[Sequence], max_rows: int = 8192) -> dict[str, torch.Tensor]:
+    """Input rows ``(N, in_features)`` each site sees when ``gm`` runs on ``batches``. Sites
+    reading the same node (q, k and v projections) share one tensor."""
+    rows: dict[fx.Node, list[torch.Tensor]] = {}
+
+    def take(n, out):
+        have = sum(r.shape[0] for r in rows.setdefault(n, []))
+        if have < max_rows:
+            rows[n].append(out.detach().reshape(-1, out.shape[-1])[: max_rows - have])
+
+    watch = _record(gm, sites, batches, take)
     out = {}
     for node, names in watch.items():
-        if rows[node]:
+        if rows.get(node):
             x = torch.cat(rows[node])
             for name in names:
                 out[name] = x
+    return out
+
+
+def record_stats(gm: fx.GraphModule, sites: Sequence[LinearSite],
+                 batches: Sequence[Sequence], max_rows: int = 8192) -> dict[str, CalibStats]:
+    """``CalibStats`` of the input rows each site sees when ``gm`` runs on ``batches`` (the
+    first ``max_rows`` rows), streamed: per distinct input node an ``n x n`` Gram and the
+    held-out rows, never the full activations. Sites reading the same node share them."""
+    recs: dict[fx.Node, StatsRecorder] = {}
+
+    def take(n, out):
+        rec = recs.get(n)
+        if rec is None:
+            rec = recs[n] = StatsRecorder(out.shape[-1], max_rows)
+        rec.add(out)
+
+    watch = _record(gm, sites, batches, take)
+    out = {}
+    for node, names in watch.items():
+        if node in recs and recs[node].seen:
+            st = recs[node].finish()
+            for name in names:
+                out[name] = st
     return out
 
 
@@ -124,14 +160,14 @@ def run(gm: fx.GraphModule, sites: list[LinearSite], config: Config, *,
     model = CostModel(profile, dtype=dtype, time_candidates=config.time_candidates)
     dense = {s.name: model.dense(s.out_features, s.in_features, s.tokens) for s in sites}
 
-    decisions = _recall(active, dense, model, config, store)
-    rows: dict[str, torch.Tensor] = {}
+    # name -> CalibStats (calibrated: estimates and factorizations fit them) or, below, the
+    # example rows (data-free: the reported output errors)
+    rows: dict = record_stats(gm, active, batches) if (batches and calibrated) else {}
+    for name, x in rows.items():     # broken calibration data is the caller's error
+        checks.check_calibration(name, x)
+    decisions = _recall(active, dense, model, config, store, rows)
     if decisions is None:
-        rows = record_inputs(gm, active, batches) if (batches and calibrated) else {}
-        for name, x in rows.items():     # broken calibration data is the caller's error
-            checks.check_calibration(name, x)
-        decisions = _decide(active, dense, model, config, store, rows if calibrated else {},
-                            reasons, dist)
+        decisions = _decide(active, dense, model, config, store, rows, reasons, dist)
     chosen = [d for d in decisions.values() if d.replaced]
     if not calibrated and chosen and batches:
         rows = record_inputs(gm, [d.site for d in chosen], batches[:1])
@@ -166,14 +202,16 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {e}".splitlines()[0][:200]
 
 
-def _key(site: LinearSite, config: Config, store: FactorStore) -> tuple:
-    return store.weight_hash(site.linear_weight), decision_settings(config)
+def _key(site: LinearSite, config: Config, store: FactorStore, rows: dict) -> tuple:
+    calib = rows.get(site.name)
+    return (store.weight_hash(site.linear_weight), decision_settings(config),
+            None if calib is None else calib_digest(calib))
 
 
-def _recall(active, dense, model: CostModel, config: Config, store: FactorStore):
-    """Earlier decisions for every active site (same weights, same decision settings), re-costed
-    at this graph's token counts; None unless all are there."""
-    found = [store.decisions.get(_key(s, config, store)) for s in active]
+def _recall(active, dense, model: CostModel, config: Config, store: FactorStore, rows: dict):
+    """Earlier decisions for every active site (same weights, same decision settings, same
+    calibration rows), re-costed at this graph's token counts; None unless all are there."""
+    found = [store.decisions.get(_key(s, config, store, rows)) for s in active]
     if not active or any(f is None for f in found):
         return None
     out = {}
@@ -208,7 +246,7 @@ def _decide(active, dense, model: CostModel, config: Config, store: FactorStore,
         try:
             key = (store.weight_hash(s.linear_weight), repr([c.describe() for c in cands]),
                    config.estimate_steps, config.seed, config.calib_blend,
-                   None if calib is None else content_hash(calib))
+                   None if calib is None else calib_digest(calib))
             ests = store.estimate(repr(key), lambda: estimate_candidates(
                 s.linear_weight, cands, seed=config.seed, steps=config.estimate_steps,
                 ss1_seed=layer_seed(config.seed, s.name), calib=calib,
@@ -238,7 +276,7 @@ def _decide(active, dense, model: CostModel, config: Config, store: FactorStore,
             reason = why or (None if k else "kept dense by the budget")
             out[s.name] = Decision(s, cands[0], cands[k], ests[k] if k else None, reason)
     for d in out.values():
-        store.decisions[_key(d.site, config, store)] = d
+        store.decisions[_key(d.site, config, store, rows)] = d
     return out
 
 

@@ -6,8 +6,9 @@ import torch
 
 from structfx.passes.estimate import estimate_candidates, lowrank_spectrum
 from structfx.passes.factorize import lowrank_factors
+from structfx.passes.calib_stats import split_calib
 from structfx.passes.factorize_blast import (blast_error_curve, blast_rank_for_params,
-                                             factorize_blast, split_calib)
+                                             factorize_blast)
 from structfx.kernels.reference import blast_dense_weight
 
 

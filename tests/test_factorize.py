@@ -10,8 +10,9 @@ import torch
 
 from structfx.kernels import ss1_hash
 from structfx.kernels.reference import blast_dense_weight
+from structfx.passes.calib_stats import split_calib
 from structfx.passes.factorize_blast import (BlastFactors, blast_rank_for_params,
-                                             factorize_blast, split_calib)
+                                             factorize_blast)
 from structfx.passes.project_ss1 import SS1Factors, project_ss1, ss1_compression_for_params
 
 

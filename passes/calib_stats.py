@@ -1,0 +1,149 @@
+"""Calibration statistics: what a data-aware pass needs from the rows a layer saw, streamed.
+
+Every data-aware factorization (BLAST, low rank, SS1) and every estimate needs only two things
+from a layer's input rows ``X``: the Gram ``X_fit^T X_fit`` of the fit rows (the objective) and
+the held-out rows themselves (the output error the budget is allocated by). ``StatsRecorder``
+builds both as batches stream past, so compress never holds a layer's full activation matrix:
+per distinct input node it keeps an ``n x n`` Gram and the held-out eighth of the rows.
+
+The one hold-out rule: every ``HOLDOUT_EVERY``-th row of the stream (by position, so held-out
+rows are spread over the data, not taken from its end), at least one. ``split_calib`` applies
+it to a row matrix, ``StatsRecorder`` to a stream; both give the same split.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+HOLDOUT_EVERY = 8  # every 8th calibration row (12.5%) is held out for ``output_error``
+# Rows per Gram product: each is summed in the rows' dtype, the products in fp64.
+_GEMM_ROWS = 1024
+_FP32_SAFE = 1e15   # 1024 squares of this stay far below fp32's largest value
+
+
+@dataclass(frozen=True, eq=False)
+class CalibStats:
+    """A layer's calibration rows, reduced to what the passes use."""
+
+    gram: Tensor            # (n, n) float64: sum of x x^T over the fit rows
+    count: int              # number of fit rows
+    held: Tensor            # (N_held, n) the held-out rows, in the rows' dtype
+    max_abs: float          # largest |x| over all rows (fit and held out)
+    digest: str             # content hash of the rows, in stream order
+    problem: Optional[str] = None   # why the rows can't drive a factorization (non-finite)
+
+    @property
+    def in_features(self) -> int:
+        return self.gram.shape[0]
+
+    @property
+    def rows(self) -> int:
+        """How many rows were recorded (fit and held out)."""
+        return self.count + self.held.shape[0]
+
+    def cov(self, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+        """``X_fit^T X_fit / N_fit`` in ``dtype`` on ``device``."""
+        return (self.gram / max(self.count, 1)).to(device=device, dtype=dtype)
+
+
+class StatsRecorder:
+    """Accumulates one ``CalibStats`` from row chunks ``(..., n)``; rows past ``max_rows`` are
+    ignored. The digest and the split depend on the rows alone, not on how they were chunked."""
+
+    def __init__(self, in_features: int, max_rows: Optional[int] = None):
+        self.n = in_features
+        self.max_rows = max_rows
+        self.seen = 0
+        self.gram = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.held: list[Tensor] = []
+        self.last: Optional[Tensor] = None
+        self.max_abs = 0.0
+        self.hash = hashlib.blake2b(digest_size=16)
+        self.problem: Optional[str] = None
+
+    def full(self) -> bool:
+        return self.max_rows is not None and self.seen >= self.max_rows
+
+    def add(self, x: Tensor) -> None:
+        if self.full():
+            return
+        x = x.detach().reshape(-1, x.shape[-1])
+        if self.max_rows is not None:
+            x = x[: self.max_rows - self.seen]
+        if x.shape[-1] != self.n:
+            raise ValueError(f"calibration rows must have last dim {self.n}, got {x.shape[-1]}")
+        if not x.shape[0]:
+            return
+        if self.problem is None:
+            from .checks import calibration_problem
+
+            self.problem = calibration_problem(x, gram_dtype=None)
+        x = x.cpu().contiguous()
+        if not self.seen:
+            self.hash.update(f"{self.n}|{x.dtype}".encode())
+        self.hash.update(x.view(torch.uint8).numpy().tobytes())
+        held = (torch.arange(self.seen, self.seen + x.shape[0]) % HOLDOUT_EVERY
+                == HOLDOUT_EVERY - 1)
+        if self.problem is None:
+            fit = x[~held]
+            w = fit if fit.dtype in (torch.float32, torch.float64) else fit.float()
+            if w.numel() and float(w.abs().max()) > _FP32_SAFE:   # squares would overflow fp32
+                w = w.double()
+            for i in range(0, w.shape[0], _GEMM_ROWS):   # short sums in w's dtype, total in fp64
+                c = w[i:i + _GEMM_ROWS]
+                self.gram += (c.mT @ c).double()
+            self.max_abs = max(self.max_abs, float(x.abs().max()))
+        if held.any():
+            self.held.append(x[held])
+        self.last = x[-1:]
+        self.seen += x.shape[0]
+
+    def finish(self) -> CalibStats:
+        if not self.seen:
+            raise ValueError("no calibration rows were recorded")
+        held = torch.cat(self.held) if self.held else None
+        count = self.seen - (0 if held is None else held.shape[0])
+        gram = self.gram
+        if held is None:            # fewer than HOLDOUT_EVERY rows: the last one is held out
+            held = self.last
+            if self.problem is None:
+                v = held.double()
+                gram = gram - v.mT @ v
+            count -= 1
+        return CalibStats(gram, count, held, self.max_abs, self.hash.hexdigest(), self.problem)
+
+
+def split_calib(X: Tensor) -> tuple[Tensor, Tensor]:
+    """Deterministic split of calibration rows ``X (N, n)``: every ``HOLDOUT_EVERY``-th row is
+    held out (at least one), spread over the data rather than taken from its end."""
+    held = torch.arange(X.shape[0], device=X.device) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+    if not held.any():
+        held[-1] = True
+    return X[~held], X[held]
+
+
+def calib_stats(calib: Union[Tensor, CalibStats]) -> CalibStats:
+    """``calib`` as ``CalibStats``: rows ``(..., n)`` are reduced exactly as a stream of them
+    would be (the ``split_calib`` split), statistics pass through."""
+    if isinstance(calib, CalibStats):
+        return calib
+    rec = StatsRecorder(calib.shape[-1])
+    rec.add(calib)
+    return rec.finish()
+
+
+def calib_digest(calib: Union[Tensor, CalibStats]) -> str:
+    """The content hash of calibration rows (or of the rows ``CalibStats`` came from): the same
+    for a row matrix and for any chunking of it."""
+    if isinstance(calib, CalibStats):
+        return calib.digest
+    x = calib.detach().reshape(-1, calib.shape[-1]).cpu().contiguous()
+    h = hashlib.blake2b(digest_size=16)
+    if x.shape[0]:
+        h.update(f"{x.shape[-1]}|{x.dtype}".encode())
+        h.update(x.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
