@@ -11,6 +11,8 @@ positive ridge, so Cholesky is the right tool anyway; a batch element that Chole
 from __future__ import annotations
 
 import torch
+from typing import Optional
+
 from torch import Tensor
 
 
@@ -59,10 +61,13 @@ def psd_factor(A: Tensor, ridge) -> Tensor:
     return K.to(A.dtype)
 
 
-def pcg_solve(A: Tensor, b: Tensor, *, rtol: float = 1e-6, max_iter: int = 64) -> Tensor:
-    """``x`` with ``A x = b`` for a stack of symmetric positive definite ``A`` ``(..., n, n)``
-    and vectors ``b`` ``(..., n)``, by conjugate gradients with a diagonal (Jacobi)
-    preconditioner, all systems at once.
+def pcg_solve(A: Tensor, b: Tensor, *, rtol: float = 1e-6, max_iter: int = 64,
+              shift: Optional[Tensor] = None) -> Tensor:
+    """``x`` with ``(A + shift I) x = b`` for a stack of symmetric positive definite ``A``
+    ``(..., n, n)`` and vectors ``b`` ``(..., n)``, by conjugate gradients with a diagonal
+    (Jacobi) preconditioner, all systems at once. ``shift``: a scalar or ``(..., 1)`` (one
+    per system; the damping), applied without forming ``A + shift I``: for the ``S`` step's
+    ``b1 b2 r^2`` stack that copy cost as much as the solve.
 
     For the many small, well-conditioned systems of the BLAST ``S`` step (one ``r x r``
     Hadamard-product Gram per block, ``b1 b2`` of them) this is several times faster than a
@@ -71,7 +76,9 @@ def pcg_solve(A: Tensor, b: Tensor, *, rtol: float = 1e-6, max_iter: int = 64) -
     right-hand side, or after ``max_iter`` iterations; every iterate from ``x = 0`` lowers
     ``1/2 x^T A x - b^T x``, so an early stop is still a descent direction for it."""
     tiny = torch.finfo(A.dtype).tiny
-    dinv = 1.0 / A.diagonal(dim1=-2, dim2=-1).clamp_min(tiny)
+    sh = None if shift is None else torch.as_tensor(shift, dtype=A.dtype, device=A.device)
+    diag = A.diagonal(dim1=-2, dim2=-1)
+    dinv = 1.0 / (diag if sh is None else diag + sh).clamp_min(tiny)
     x = torch.zeros_like(b)
     r = b.clone()
     z = r * dinv
@@ -80,6 +87,8 @@ def pcg_solve(A: Tensor, b: Tensor, *, rtol: float = 1e-6, max_iter: int = 64) -
     stop = (rtol * b.norm(dim=-1)).pow(2)
     for it in range(min(max_iter, A.shape[-1])):
         Ap = (A @ p.unsqueeze(-1)).squeeze(-1)
+        if sh is not None:
+            Ap = Ap + sh * p
         alpha = rz / (p * Ap).sum(-1, keepdim=True).clamp_min(tiny)
         x = x + alpha * p
         r = r - alpha * Ap

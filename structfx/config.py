@@ -94,7 +94,7 @@ class Config:
     compressions: Sequence[int] = (2, 3, 4, 8)
     rank_fractions: Sequence[float] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
     steps: int = 300                      # BLAST descent: at most this many (stops on convergence)
-    estimate_steps: int = 15
+    estimate_steps: int = 10               # per estimate run (data-free: extrapolated)
     calib_blend: float = 0.0              # data-aware: share of the data-free objective
     seed: int = 0
     device: Optional[str] = None          # device-table entry for the cost model; None: current
