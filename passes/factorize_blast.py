@@ -148,7 +148,17 @@ def _least_squares_S(Wb: Tensor, U: Tensor, V: Tensor) -> Tensor:
     return pcg_solve(G + ridge * _eye(G.shape[-1], G), rhs)
 
 
-def _svd_init(Wb: Tensor, r: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+def _svd_bases(Wb: Tensor, r: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Top-``r`` left singular vectors of every block-row and right ones of every block-column,
+    ``(b1, p, r)`` and ``(b2, q, r)``; nested across ``r`` (slice them for a smaller rank)."""
+    b1, b2, p, q = Wb.shape
+    Q = _top_singular(Wb.transpose(1, 2).reshape(b1, p, b2 * q), r, gen)      # block-rows
+    P = _top_singular(Wb.permute(1, 3, 0, 2).reshape(b2, q, b1 * p), r, gen)  # block-columns
+    return Q, P
+
+
+def _svd_init(Wb: Tensor, r: int, gen: torch.Generator,
+              bases: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor, Tensor]:
     """``U[i]`` / ``V[j]`` from the top-``r`` singular vectors of block-row ``i`` / block-column
     ``j``, ``S`` by least squares.
 
@@ -157,10 +167,9 @@ def _svd_init(Wb: Tensor, r: int, gen: torch.Generator) -> tuple[Tensor, Tensor,
     matrix this start has 40-90% error and the descent from it often stalls in a local
     minimum. So the bases are also aligned (``_aligned_bases``) and the start that fits
     better is kept (the aligned one wins on near-BLAST matrices, the plain one on e.g.
-    block-diagonal-plus-noise ones), unless its rank-1 terms cancel (``_cancellation``)."""
-    b1, b2, p, q = Wb.shape
-    Q = _top_singular(Wb.transpose(1, 2).reshape(b1, p, b2 * q), r, gen)      # block-rows
-    P = _top_singular(Wb.permute(1, 3, 0, 2).reshape(b2, q, b1 * p), r, gen)  # block-columns
+    block-diagonal-plus-noise ones), unless its rank-1 terms cancel (``_cancellation``).
+    ``bases``: ``_svd_bases`` at this or a larger rank (shared by several ranks)."""
+    Q, P = _svd_bases(Wb, r, gen) if bases is None else (bases[0][..., :r], bases[1][..., :r])
     best = None
     for k, (U, V) in enumerate([(Q, P)] + _aligned_bases(Wb, Q, P, gen)):
         S = _least_squares_S(Wb, U, V)
@@ -566,8 +575,9 @@ def blast_error_curve(weight: Tensor, blocks: Blocks, ranks: list[int], steps: i
     gram = _Gram(prob.Wb, None)
     out = {}
     if calib is None:
+        bases = _svd_bases(prob.Wb, max(ranks), torch.Generator().manual_seed(seed))
         for r in sorted(set(ranks)):
-            U, S, V = _start(prob, r, "svd", seed)
+            U, S, V = _svd_init(prob.Wb, r, torch.Generator().manual_seed(seed), bases)
             curve: list = []
             U, S, V = _descend(prob.Wb, U, S, V, steps, lr, None, gram=gram, curve=curve,
                                decay=False)

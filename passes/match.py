@@ -21,7 +21,7 @@ from __future__ import annotations
 import fnmatch
 import operator
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import torch
@@ -36,9 +36,11 @@ _MM = (aten.mm.default, aten.matmul.default, torch.mm, torch.matmul, operator.ma
 _EMBEDDINGS = (aten.embedding.default, F.embedding, torch.embedding)
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class LinearSite:
-    """One linear-like node: ``y = x @ weight.T + bias`` in nn.Linear terms."""
+    """One linear-like node: ``y = x @ weight.T + bias`` in nn.Linear terms. Frozen: a pass
+    that learns something about a site (its token count, why it stays dense) makes a new one
+    (``dataclasses.replace``)."""
 
     name: str                          # module path, e.g. "encoder.layer.0.attention.self.query"
     node: fx.Node                      # the node computing y
@@ -228,8 +230,8 @@ def match_linears(gm: fx.GraphModule, example_inputs: Optional[Sequence] = None,
                                 transposed=transposed, tokens=_tokens(x), weight_input=w_idx,
                                 bias_input=b_idx, weight_nodes=w_nodes, x_arg=x_arg,
                                 bias_arg=b_arg))
-    _mark_skips(gm, sites, config, _embedding_storages(gm, weights))
-    return sites
+    why = _skip_reasons(sites, config, _embedding_storages(gm, weights))
+    return [replace(s, skip=why[i]) if why[i] else s for i, s in enumerate(sites)]
 
 
 def _embedding_storages(gm: fx.GraphModule, weights: "_Weights") -> set:
@@ -245,31 +247,36 @@ def _embedding_storages(gm: fx.GraphModule, weights: "_Weights") -> set:
     return out
 
 
-def _mark_skips(gm: fx.GraphModule, sites: list[LinearSite], config, embeddings: set) -> None:
+def _skip_reasons(sites: list[LinearSite], config, embeddings: set) -> list[Optional[str]]:
+    """Per site, why it stays dense whatever the budget (None: it is a candidate)."""
     by_storage: dict[int, list[LinearSite]] = {}
     for s in sites:
         by_storage.setdefault(s.weight.untyped_storage().data_ptr(), []).append(s)
     min_params = getattr(config, "min_params", 0) if config is not None else 0
     include = tuple(getattr(config, "include", ()) or ())
     exclude = tuple(getattr(config, "exclude", ()) or ())
+    out: list[Optional[str]] = []
     for s in sites:
         w = s.weight
+        why = None
         if not w.is_floating_point():
-            s.skip = f"non-float weight ({w.dtype})"
+            why = f"non-float weight ({w.dtype})"
         elif w.dim() != 2:
-            s.skip = f"weight is {w.dim()}-D, not a matrix"
+            why = f"weight is {w.dim()}-D, not a matrix"
         elif not isinstance(w, nn.Parameter):
-            s.skip = "weight is a buffer or constant, not a parameter (not trainable)"
+            why = "weight is a buffer or constant, not a parameter (not trainable)"
         elif w.untyped_storage().data_ptr() in embeddings:
-            s.skip = "weight tied to an embedding"
+            why = "weight tied to an embedding"
         elif len(by_storage[w.untyped_storage().data_ptr()]) > 1 or _weight_users(s):
-            s.skip = "weight shared by several nodes"
+            why = "weight shared by several nodes"
         elif include and not any(fnmatch.fnmatchcase(s.name, g) for g in include):
-            s.skip = "not in include"
+            why = "not in include"
         elif any(fnmatch.fnmatchcase(s.name, g) for g in exclude):
-            s.skip = "excluded"
+            why = "excluded"
         elif w.numel() < min_params:
-            s.skip = f"below size floor ({w.numel()} < min_params={min_params})"
+            why = f"below size floor ({w.numel()} < min_params={min_params})"
+        out.append(why)
+    return out
 
 
 def _weight_users(s: LinearSite) -> set:

@@ -105,8 +105,10 @@ def _backend_with(config: Config, store: FactorStore) -> Callable:
 
 def _compile(gm: fx.GraphModule, example_inputs: list, config: Config, compile_fx,
              attempt: dict, store: FactorStore):
-    sites = attempt["sites"] = match_linears(gm, example_inputs, config)
-    training = _mark_trainable(gm, sites, config)
+    sites = match_linears(gm, example_inputs, config)
+    training = _trainable(gm, sites, config)
+    sites = attempt["sites"] = [dataclasses.replace(s, skip=TRAINING_SKIP)
+                                if s.name in training else s for s in sites]
     result = _without_side_effects(gm, example_inputs, lambda inputs: pipeline.run(
         gm, sites, config, batches=[inputs], store=store))
     decisions, layers, report = result.decisions, result.layers, result.report
@@ -171,10 +173,10 @@ def _grad_mode(gm: fx.GraphModule) -> bool:
                and n.args and n.args[0] for n in gm.graph.nodes)
 
 
-def _mark_trainable(gm: fx.GraphModule, sites: list, config: Config) -> list[str]:
-    """Keep dense every candidate layer whose weight or bias requires grad in a graph run with
-    grad enabled: its gradient would go to the backend's factors, never to the user's
-    parameters. Warns (names the layers), or raises under ``strict``."""
+def _trainable(gm: fx.GraphModule, sites: list, config: Config) -> list[str]:
+    """The candidate layers to keep dense because their weight or bias requires grad in a graph
+    run with grad enabled: their gradient would go to the backend's factors, never to the
+    user's parameters. Warns (names the layers), or raises under ``strict``."""
     if not _grad_mode(gm):
         return []
     names = [s.name for s in sites if s.skip is None and (
@@ -185,9 +187,6 @@ def _mark_trainable(gm: fx.GraphModule, sites: list, config: Config) -> list[str
     if config.strict:
         raise LeftToInductor(message)
     warnings.warn(f"structfx: {message}", stacklevel=4)
-    for s in sites:
-        if s.name in names:
-            s.skip = TRAINING_SKIP
     return names
 
 

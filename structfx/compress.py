@@ -247,7 +247,7 @@ def compress(model: nn.Module, example_inputs: Any, config: Optional[Config] = N
         captured = captured_inputs(gm)
         sites = match_linears(gm, None, config)
         if not any(s.tokens > 1 for s in sites):  # symbolic_trace graphs carry no shapes
-            _propagate_shapes(gm, flat[0], sites)
+            sites = _propagate_shapes(gm, flat[0], sites)
         # ---- the pipeline: decide, record, factorize, rewrite, report
         run = pipeline.run(gm, sites, config, batches=flat, calibrated=bool(calib),
                            store=store)
@@ -365,10 +365,12 @@ def model_output_error(dense: nn.Module, small: nn.Module, inputs: Any) -> Optio
     return relative_output_error([(got, ref)])
 
 
-def _propagate_shapes(gm: fx.GraphModule, flat: list, sites) -> None:
+def _propagate_shapes(gm: fx.GraphModule, flat: list, sites) -> list:
+    """``sites`` with their token counts from running ``gm`` on ``flat``."""
+    from dataclasses import replace
+
     from torch.fx.passes.shape_prop import ShapeProp
 
     ShapeProp(gm).propagate(*flat)
-    for s in sites:
-        shape = s.x.meta["tensor_meta"].shape
-        s.tokens = int(torch.Size(shape[:-1]).numel())
+    return [replace(s, tokens=int(torch.Size(s.x.meta["tensor_meta"].shape[:-1]).numel()))
+            for s in sites]
