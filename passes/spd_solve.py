@@ -61,13 +61,14 @@ def psd_factor(A: Tensor, ridge) -> Tensor:
     return K.to(A.dtype)
 
 
-def pcg_solve(A: Tensor, b: Tensor, *, rtol: float = 1e-6, max_iter: int = 64,
-              shift: Optional[Tensor] = None) -> Tensor:
+def pcg_solve(A, b: Tensor, *, rtol: float = 1e-6, max_iter: int = 64,
+              shift: Optional[Tensor] = None, diag: Optional[Tensor] = None) -> Tensor:
     """``x`` with ``(A + shift I) x = b`` for a stack of symmetric positive definite ``A``
     ``(..., n, n)`` and vectors ``b`` ``(..., n)``, by conjugate gradients with a diagonal
     (Jacobi) preconditioner, all systems at once. ``shift``: a scalar or ``(..., 1)`` (one
     per system; the damping), applied without forming ``A + shift I``: for the ``S`` step's
-    ``b1 b2 r^2`` stack that copy cost as much as the solve.
+    ``b1 b2 r^2`` stack that copy cost as much as the solve. ``A`` may also be a function
+    computing ``A x`` for ``x`` ``(..., n)``, with its diagonal given as ``diag``.
 
     For the many small, well-conditioned systems of the BLAST ``S`` step (one ``r x r``
     Hadamard-product Gram per block, ``b1 b2`` of them) this is several times faster than a
@@ -75,9 +76,15 @@ def pcg_solve(A: Tensor, b: Tensor, *, rtol: float = 1e-6, max_iter: int = 64,
     matrix-vector product. Stops when every system's residual is below ``rtol`` of its
     right-hand side, or after ``max_iter`` iterations; every iterate from ``x = 0`` lowers
     ``1/2 x^T A x - b^T x``, so an early stop is still a descent direction for it."""
-    tiny = torch.finfo(A.dtype).tiny
-    sh = None if shift is None else torch.as_tensor(shift, dtype=A.dtype, device=A.device)
-    diag = A.diagonal(dim1=-2, dim2=-1)
+    if callable(A):
+        if diag is None:
+            raise ValueError("pcg_solve: a matrix-vector function needs diag=")
+        matvec = A
+    else:
+        diag = A.diagonal(dim1=-2, dim2=-1)
+        matvec = lambda v: (A @ v.unsqueeze(-1)).squeeze(-1)
+    tiny = torch.finfo(b.dtype).tiny
+    sh = None if shift is None else torch.as_tensor(shift, dtype=b.dtype, device=b.device)
     dinv = 1.0 / (diag if sh is None else diag + sh).clamp_min(tiny)
     x = torch.zeros_like(b)
     r = b.clone()
@@ -85,8 +92,8 @@ def pcg_solve(A: Tensor, b: Tensor, *, rtol: float = 1e-6, max_iter: int = 64,
     p = z.clone()
     rz = (r * z).sum(-1, keepdim=True)
     stop = (rtol * b.norm(dim=-1)).pow(2)
-    for it in range(min(max_iter, A.shape[-1])):
-        Ap = (A @ p.unsqueeze(-1)).squeeze(-1)
+    for it in range(min(max_iter, b.shape[-1])):
+        Ap = matvec(p)
         if sh is not None:
             Ap = Ap + sh * p
         alpha = rz / (p * Ap).sum(-1, keepdim=True).clamp_min(tiny)

@@ -135,12 +135,15 @@ def _case(name: str, quick: bool):
     raise ValueError(f"unknown case {name!r}; known: {CASES}")
 
 
-def run_case(name: str, quick: bool = False) -> dict:
-    """Compress one model in this process; the numbers as a dict."""
+def run_case(name: str, quick: bool = False, blocks: Optional[tuple] = None) -> dict:
+    """Compress one model in this process; the numbers as a dict. ``blocks``: the BLAST block
+    counts to offer instead of the case's own (``Config.blocks``)."""
     import structfx
     from structfx.passes.store import FactorStore
 
     model, args, cfg, calib = _case(name, quick)
+    if blocks:
+        cfg = cfg.replace(blocks=tuple(blocks))
     weights = _model_bytes(model)
     store = FactorStore()
     import gc
@@ -161,7 +164,8 @@ def run_case(name: str, quick: bool = False) -> dict:
                          "relative": d.estimated_error / final - 1})
     del small
     peak = _peak_rss()
-    return {"case": name, "seconds": seconds, "peak_rss": peak, "model_bytes": weights,
+    return {"case": name if not blocks else f"{name} (blocks {','.join(map(str, blocks))})",
+            "seconds": seconds, "peak_rss": peak, "model_bytes": weights,
             "rss_before": before,
             "compress_peak_extra": (peak - before) if fresh_peak and before else None,
             "estimations": store.estimations, "factorizations": store.factorizations,
@@ -202,7 +206,7 @@ def estimate_table(result: dict) -> str:
 
 def main(args) -> list[dict]:
     if args.case_json:                      # the child: one case, numbers to a file
-        out = run_case(args.case_json[0], args.quick)
+        out = run_case(args.case_json[0], args.quick, _blocks(args.blocks))
         Path(args.case_json[1]).write_text(json.dumps(out))
         return [out]
     cases = args.cases.split(",") if args.cases else list(CASES)
@@ -212,6 +216,8 @@ def main(args) -> list[dict]:
         cmd = [sys.executable, "-m", "structfx.bench", "compress", "--case-json", name, str(path)]
         if args.quick:
             cmd.append("--quick")
+        if args.blocks:
+            cmd += ["--blocks", args.blocks]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not path.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -222,7 +228,7 @@ def main(args) -> list[dict]:
         print(f"{name}: {json.dumps(results[-1])}", file=sys.stderr, flush=True)
     print(table(results))
     for r in results:
-        if r.get("case") == "minilm" and r.get("estimates"):
+        if str(r.get("case", "")).startswith("minilm") and r.get("estimates"):
             print("\nMiniLM, estimate vs final error per replaced layer (output error on "
                   "held-out calibration rows):")
             print(estimate_table(r))
@@ -236,8 +242,14 @@ def add_parser(sub) -> None:
     p.add_argument("--cases", help=f"comma-separated subset of {','.join(CASES)}")
     p.add_argument("--quick", action="store_true", help="tiny versions of every model")
     p.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
+    p.add_argument("--blocks", help="comma-separated BLAST block counts to offer instead of "
+                                    "each case's own (e.g. 1,2,4)")
     p.add_argument("--case-json", nargs=2, metavar=("CASE", "PATH"), help=argparse_hidden())
     p.set_defaults(func=main, params=0.5)
+
+
+def _blocks(text: Optional[str]) -> Optional[tuple]:
+    return tuple(int(b) for b in text.split(",")) if text else None
 
 
 def argparse_hidden() -> str:

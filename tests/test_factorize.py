@@ -344,3 +344,60 @@ def test_ss1_bad_config_raises(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         project_ss1(args.pop("weight"), args.pop("compression"), **args)
+
+
+@pytest.mark.parametrize("b1,b2,r", [(1, 3, 4), (3, 2, 5), (4, 4, 7)])
+def test_descent_contractions_match_einsum(b1, b2, r):
+    """The descent's block contractions (loops / batched GEMMs for speed) against the plain
+    einsum they replace."""
+    from structfx.passes.factorize_blast import (_coupled_matvec, _coupled_sandwich,
+                                                 _pair_sandwich, _sandwich_sum)
+
+    g = torch.Generator().manual_seed(b1 * 100 + b2 * 10 + r)
+    S = torch.randn(b1, b2, r, generator=g, dtype=torch.float64)
+    GV = torch.randn(b2, r, r, generator=g, dtype=torch.float64)
+    GU = torch.randn(b1, r, r, generator=g, dtype=torch.float64)
+    M = torch.randn(b2, b2, r, r, generator=g, dtype=torch.float64)
+    x = torch.randn(b1, b2, r, generator=g, dtype=torch.float64)
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    close(_sandwich_sum(S, GV, over=1), torch.einsum("ijr,jrs,ijs->irs", S, GV, S))
+    close(_sandwich_sum(S, GU, over=0), torch.einsum("ijr,irs,ijs->jrs", S, GU, S))
+    close(_coupled_sandwich(S, M), torch.einsum("ikr,kjrs,ijs->irs", S, M, S))
+    close(_pair_sandwich(S, GU), torch.einsum("ikr,irs,ijs->kjrs", S, GU, S))
+    close(_coupled_matvec(GU, x, M.permute(2, 0, 1, 3).flatten(2)),
+          torch.einsum("ikrs,jkrs->ijr", GU[:, None] * x[..., None, :], M))
+
+
+def test_pcg_shift_solves_the_damped_system():
+    from structfx.passes.spd_solve import pcg_solve
+
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(5, 6, 6, generator=g, dtype=torch.float64)
+    A = B @ B.mT
+    rhs = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    shift = torch.rand(5, 1, generator=g, dtype=torch.float64) + 0.5
+    want = torch.linalg.solve(A + shift[..., None] * torch.eye(6, dtype=A.dtype), rhs)
+    torch.testing.assert_close(pcg_solve(A, rhs, rtol=1e-12, shift=shift), want,
+                               rtol=1e-8, atol=1e-8)
+
+
+def test_s_step_systems_chunked_equal_formed():
+    from structfx.passes.factorize_blast import _HadamardStack
+    from structfx.passes.spd_solve import pcg_solve
+
+    g = torch.Generator().manual_seed(3)
+    U = torch.randn(5, 9, 6, generator=g, dtype=torch.float64)
+    V = torch.randn(3, 7, 6, generator=g, dtype=torch.float64)
+    x = torch.randn(5, 3, 6, generator=g, dtype=torch.float64)
+    GU, GV = U.mT @ U, V.mT @ V
+    formed, chunked = _HadamardStack(GU, GV), _HadamardStack(GU, GV, limit=1)
+    assert formed.full is not None and chunked.full is None and chunked.step == 1
+    dense = GU[:, None] * GV[None]
+    torch.testing.assert_close(chunked(x), (dense @ x[..., None]).squeeze(-1))
+    torch.testing.assert_close(formed(x), chunked(x))
+    torch.testing.assert_close(chunked.diag, dense.diagonal(dim1=-2, dim2=-1))
+    a = pcg_solve(dense, x, rtol=1e-12, shift=0.1)
+    b = pcg_solve(chunked, x, rtol=1e-12, shift=0.1, diag=chunked.diag)
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="diag="):
+        pcg_solve(chunked, x)
