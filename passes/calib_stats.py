@@ -19,6 +19,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from .checks import calibration_problem
+
 HOLDOUT_EVERY = 8  # every 8th calibration row (12.5%) is held out for ``output_error``
 # Rows per Gram product: each is summed in the rows' dtype, the products in fp64.
 _GEMM_ROWS = 1024
@@ -79,24 +81,21 @@ class StatsRecorder:
         if not x.shape[0]:
             return
         if self.problem is None:
-            from .checks import calibration_problem
-
             self.problem = calibration_problem(x, gram_dtype=None)
         x = x.cpu().contiguous()
-        if not self.seen:
-            self.hash.update(f"{self.n}|{x.dtype}".encode())
-        self.hash.update(x.view(torch.uint8).numpy().tobytes())
+        _hash_rows(self.hash, x, first=not self.seen)
         held = (torch.arange(self.seen, self.seen + x.shape[0]) % HOLDOUT_EVERY
                 == HOLDOUT_EVERY - 1)
         if self.problem is None:
+            big = float(x.abs().max())
+            self.max_abs = max(self.max_abs, big)
             fit = x[~held]
             w = fit if fit.dtype in (torch.float32, torch.float64) else fit.float()
-            if w.numel() and float(w.abs().max()) > _FP32_SAFE:   # squares would overflow fp32
+            if big > _FP32_SAFE:                         # squares would overflow fp32
                 w = w.double()
             for i in range(0, w.shape[0], _GEMM_ROWS):   # short sums in w's dtype, total in fp64
                 c = w[i:i + _GEMM_ROWS]
                 self.gram += (c.mT @ c).double()
-            self.max_abs = max(self.max_abs, float(x.abs().max()))
         if held.any():
             self.held.append(x[held])
         self.last = x[-1:]
@@ -144,6 +143,13 @@ def calib_digest(calib: Union[Tensor, CalibStats]) -> str:
     x = calib.detach().reshape(-1, calib.shape[-1]).cpu().contiguous()
     h = hashlib.blake2b(digest_size=16)
     if x.shape[0]:
-        h.update(f"{x.shape[-1]}|{x.dtype}".encode())
-        h.update(x.view(torch.uint8).numpy().tobytes())
+        _hash_rows(h, x, first=True)
     return h.hexdigest()
+
+
+def _hash_rows(h, x: Tensor, first: bool) -> None:
+    """Feed rows ``x`` (contiguous, on the CPU) to the digest ``h``; the first chunk also feeds
+    the row width and dtype, so any chunking of the same rows hashes alike."""
+    if first:
+        h.update(f"{x.shape[-1]}|{x.dtype}".encode())
+    h.update(x.view(torch.uint8).numpy().tobytes())

@@ -433,9 +433,10 @@ def _descend(Wb: Tensor, U: Tensor, S: Tensor, V: Tensor, steps: int, lr: float,
     the schedule's ``eta`` capped at that parabola's minimum, which makes any ``lr`` safe and
     ``f`` never increase. The damping ``delta`` uses the residual's norm ``sqrt(2 f)``.
     ``tol > 0``: stop once the relative error gained less than ``tol`` per step over the last
-    5 steps (convergence; not before ``MIN_STEPS``), else run all ``steps``. ``curve``: receives the relative error
-    ``sqrt(2 f) / ||W||_C`` after every step. ``decay=False`` keeps ``eta = lr`` throughout
-    (short runs: the linear decay to 0 only pays off over a long one)."""
+    5 steps (convergence; not before ``MIN_STEPS``), else run all ``steps``. ``curve``:
+    receives the relative error ``sqrt(2 f) / ||W||_C`` after every step. ``decay=False``
+    keeps ``eta = lr`` throughout (short runs: the linear decay to 0 only pays off over a long
+    one)."""
     g = gram or _Gram(Wb, C)
     I = _eye(U.shape[-1], Wb)
     floor = 1e-7 * math.sqrt(Wb.numel())
@@ -608,9 +609,9 @@ def factorize_blast(weight: Tensor, blocks: Blocks, rank: int, steps: int = DEFA
     gains less than ``tol`` per step. ``calib`` ``(..., n)``: inputs seen by the layer (or
     their ``calib_stats.CalibStats``); the objective becomes the output error on them, with
     every ``calib_stats.HOLDOUT_EVERY``-th row held out to report ``output_error``; ``blend``:
-    how much of the data-free objective to keep (``blend_gram``). Factors come back in fp32 on ``weight``'s device, with the
-    padded shapes ``(b1, p, r)``, ``(b1, b2, r)``, ``(b2, q, r)`` and unit-norm columns in
-    ``U``, ``V``.
+    how much of the data-free objective to keep (``blend_gram``). Factors come back in fp32 on
+    ``weight``'s device, with the padded shapes ``(b1, p, r)``, ``(b1, b2, r)``, ``(b2, q, r)``
+    and unit-norm columns in ``U``, ``V``.
     """
     b1, b2 = _check(weight, blocks, rank, steps, calib)
     if init not in ("svd", "random"):

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from ..kernels import ss1_hash
-from .checks import check_calib_arg, check_weight
 from .calib_stats import calib_stats
+from .checks import check_calib_arg, check_weight
 from .factorize_blast import relative_error
 from .spd_solve import spd_solve
 

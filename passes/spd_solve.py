@@ -10,9 +10,9 @@ positive ridge, so Cholesky is the right tool anyway; a batch element that Chole
 """
 from __future__ import annotations
 
-import torch
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 

@@ -125,7 +125,8 @@ def test_tail_extrapolation_follows_a_power_law():
 
     e_inf, A = 0.3, 0.5
     curve = [e_inf + A * t ** -TAIL_ALPHA for t in range(1, 16)]
-    assert extrapolate_tail(curve[-1], curve) == pytest.approx(e_inf + A * TAIL_STEPS ** -TAIL_ALPHA)
+    want = e_inf + A * TAIL_STEPS ** -TAIL_ALPHA
+    assert extrapolate_tail(curve[-1], curve) == pytest.approx(want)
     assert extrapolate_tail(0.5, [0.9, 0.7, 0.6, 0.5]) == 0.5           # too short to say
     assert extrapolate_tail(0.1, [1.0] * 9 + [0.1]) == 0.05              # never below half
 
