@@ -12,6 +12,10 @@ Models: the 3-layer MLP (512 -> 2048 -> 512 -> 512, default Config), the README 
 (4 layers, hidden 512, the demo's Config), all-MiniLM-L6-v2 (data-aware on
 examples/data/calibration.txt, ``structure="auto"``, 50% of linear params, knapsack), and a
 Llama-style model (8 layers, hidden 1024, random weights, default Config).
+
+``--ranks N``: every case runs under ``torch.distributed.run`` with N processes (gloo, each
+with ``cores / N`` threads), which split the layers between them (``compress``'s layer-parallel
+mode); the time is the slowest rank's, memory and work are summed over the ranks.
 """
 from __future__ import annotations
 
@@ -141,6 +145,8 @@ def run_case(name: str, quick: bool = False, blocks: Optional[tuple] = None) -> 
     import structfx
     from structfx.passes.store import FactorStore
 
+    import torch.distributed as td
+
     model, args, cfg, calib = _case(name, quick)
     if blocks:
         cfg = cfg.replace(blocks=tuple(blocks))
@@ -148,11 +154,16 @@ def run_case(name: str, quick: bool = False, blocks: Optional[tuple] = None) -> 
     store = FactorStore()
     import gc
 
+    ranks = td.get_world_size() if td.is_initialized() else 1
     gc.collect()
     before = _rss()
     fresh_peak = _reset_peak()
+    if ranks > 1:
+        td.barrier()
     t0 = time.perf_counter()
     small = structfx.compress(model, args, cfg, calibration=calib, store=store)
+    if ranks > 1:
+        td.barrier()
     seconds = time.perf_counter() - t0
     rep = structfx.last_report()
     rows = []
@@ -164,11 +175,20 @@ def run_case(name: str, quick: bool = False, blocks: Optional[tuple] = None) -> 
                          "relative": d.estimated_error / final - 1})
     del small
     peak = _peak_rss()
-    return {"case": name if not blocks else f"{name} (blocks {','.join(map(str, blocks))})",
+    extra = (peak - before) if fresh_peak and before else None
+    work = (store.estimations, store.factorizations)
+    if ranks > 1:   # time: the slowest rank; memory and work: summed over the ranks
+        every = [None] * ranks
+        td.all_gather_object(every, (seconds, peak, before, extra, work))
+        seconds = max(e[0] for e in every)
+        peak, before = sum(e[1] for e in every), sum(e[2] for e in every)
+        extra = None if any(e[3] is None for e in every) else sum(e[3] for e in every)
+        work = tuple(sum(e[4][k] for e in every) for k in range(2))
+    case = name if not blocks else f"{name} (blocks {','.join(map(str, blocks))})"
+    return {"case": case if ranks == 1 else f"{case}, {ranks} ranks",
             "seconds": seconds, "peak_rss": peak, "model_bytes": weights,
-            "rss_before": before,
-            "compress_peak_extra": (peak - before) if fresh_peak and before else None,
-            "estimations": store.estimations, "factorizations": store.factorizations,
+            "rss_before": before, "compress_peak_extra": extra, "ranks": ranks,
+            "estimations": work[0], "factorizations": work[1],
             "replaced": len(rep.replaced), "layers": len(rep.layers),
             "model_output_error": rep.model_output_error, "estimates": rows}
 
@@ -206,19 +226,33 @@ def estimate_table(result: dict) -> str:
 
 def main(args) -> list[dict]:
     if args.case_json:                      # the child: one case, numbers to a file
-        out = run_case(args.case_json[0], args.quick, _blocks(args.blocks))
-        Path(args.case_json[1]).write_text(json.dumps(out))
+        import torch.distributed as td
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:       # under torch.distributed.run
+            td.init_process_group("gloo")
+        try:
+            out = run_case(args.case_json[0], args.quick, _blocks(args.blocks))
+            if not td.is_initialized() or td.get_rank() == 0:
+                Path(args.case_json[1]).write_text(json.dumps(out))
+        finally:
+            if td.is_initialized():
+                td.destroy_process_group()
         return [out]
     cases = args.cases.split(",") if args.cases else list(CASES)
     results = []
     for name in cases:
         path = Path(os.environ.get("TMPDIR", "/tmp")) / f"structfx-bench-{os.getpid()}-{name}.json"
-        cmd = [sys.executable, "-m", "structfx.bench", "compress", "--case-json", name, str(path)]
+        cmd = ["-m", "structfx.bench", "compress", "--case-json", name, str(path)]
         if args.quick:
             cmd.append("--quick")
         if args.blocks:
             cmd += ["--blocks", args.blocks]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ)
+        if args.ranks > 1:
+            cmd = ["-m", "torch.distributed.run", "--standalone",
+                   f"--nproc-per-node={args.ranks}"] + cmd
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.ranks))
+        proc = subprocess.run([sys.executable] + cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0 or not path.exists():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             results.append({"case": name, "error": tail[0]})
@@ -244,6 +278,9 @@ def add_parser(sub) -> None:
     p.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
     p.add_argument("--blocks", help="comma-separated BLAST block counts to offer instead of "
                                     "each case's own (e.g. 1,2,4)")
+    p.add_argument("--ranks", type=int, default=1, metavar="N",
+                   help="run each case on N processes (torch.distributed, gloo), cores / N "
+                        "threads each; they split the layers")
     p.add_argument("--case-json", nargs=2, metavar=("CASE", "PATH"), help=argparse_hidden())
     p.set_defaults(func=main, params=0.5)
 

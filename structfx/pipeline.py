@@ -154,7 +154,9 @@ def run(gm: fx.GraphModule, sites: list[LinearSite], config: Config, *,
         if reasons[s.name] is None and s.node not in used:
             reasons[s.name] = "its output is never used"
     active = [s for s in sites if reasons[s.name] is None]
-    profile = device_profile(config.device)
+    # A CPU's profile is measured, so each process measures its own: the ranks take rank 0's,
+    # or their cost models (and so the candidates they offer) would differ.
+    profile = dist.same(device_profile(config.device))
     if dtype is None:
         dtype = active[0].weight.dtype if active else torch.float32
     model = CostModel(profile, dtype=dtype, time_candidates=config.time_candidates)
@@ -232,6 +234,8 @@ def _decide(active, dense, model: CostModel, config: Config, store: FactorStore,
             rows: dict, reasons: dict, dist: "_Dist") -> dict[str, Decision]:
     work = [(s, candidate_grid(model, s.out_features, s.in_features, s.tokens, config))
             for s in active]
+    if dist.world > 1:   # timed candidates (time_candidates=True) differ between the ranks
+        work = list(zip(active, dist.same([cands for _, cands in work])))
     todo = dist.share([w for w in work if len(w[1]) > 1],
                       lambda w: w[0].out_features * w[0].in_features * len(w[1]))
     bar = tqdm(total=len(todo), desc="structfx: estimating", leave=False,
@@ -305,6 +309,15 @@ class _Dist:
             owner[i] = r
             load[r] += cost(items[i])
         return [it for i, it in enumerate(items) if owner[i] == self.rank]
+
+    def same(self, obj):
+        """Rank 0's ``obj`` on every rank (``obj`` itself in one process)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        self.td.broadcast_object_list(box, src=self.td.get_global_rank(self.group, 0)
+                                      if self.group is not None else 0, group=self.group)
+        return box[0]
 
     def _all_gather(self, obj) -> list:
         out = [None] * self.world

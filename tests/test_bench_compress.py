@@ -34,3 +34,24 @@ def test_table_shows_failures_and_ratios():
 def test_unknown_case_is_named():
     with pytest.raises(ValueError, match="unknown case 'gpt5'"):
         bc._case("gpt5", quick=True)
+
+
+def test_ranks_run_the_case_under_torch_distributed(tmp_path, capsys):
+    """``--ranks 2``: the case runs on 2 gloo processes (torch.distributed.run) that split the
+    layers; the work is summed over them."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bc.add_parser(parser.add_subparsers())
+    out = tmp_path / "r.json"
+    args = parser.parse_args(["compress", "--cases", "mlp", "--quick", "--ranks", "2",
+                              "--json", str(out)])
+    (r,) = args.func(args)
+    assert "error" not in r, r
+    assert r["ranks"] == 2 and r["case"] == "mlp, 2 ranks" and r["layers"] == 3
+    # the ranks split the work: together they estimate and factorize what one process does
+    # (which layers are offered candidates depends on this CPU's measured profile, so only
+    # the sum is compared against the layer count)
+    assert r["factorizations"] == r["replaced"] <= r["estimations"] <= 3
+    assert json.loads(out.read_text())[0]["ranks"] == 2
+    assert "mlp, 2 ranks" in capsys.readouterr().out

@@ -64,3 +64,42 @@ def test_two_gloo_ranks_match_one_process_and_split_the_work(tmp_path):
     # each rank estimated and factorized about half of the layers
     assert sorted(g["factorizations"] for g in got) == [2, 2]
     assert sorted(g["estimations"] for g in got) == [2, 2]
+
+
+def _measured_worker(rank: int, world: int, init: str, out: str):
+    """A rank whose own CPU measurement says no structured layer is faster (a shared machine
+    can measure that differently per process): it must still take rank 0's."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from structfx.passes import device
+
+    torch.set_num_threads(1)
+    real = device.cpu_profile()
+    slow = dataclasses.replace(real, kernel_overhead_s=1.0, call_overhead_s=1.0)
+    device.cpu_profile = (lambda: real) if rank == 0 else (lambda: slow)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(1)
+        x = torch.randn(16, 64)
+        cfg = CFG.replace(device=None, force=False)
+        small = structfx.compress(mlp(), (x,), cfg, store=FactorStore())
+        torch.save({"y": small(x).detach(),
+                    "report": [(d.name, d.structure, d.settings, d.skip, d.predicted_speedup)
+                               for d in structfx.last_report().layers]},
+                   os.path.join(out, f"measured{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_decide_alike_when_their_cpu_measurements_differ(tmp_path):
+    """Regression: each rank measured its own CPU profile, so the ranks offered different
+    candidates and the gathered estimates missed layers (KeyError in select)."""
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.start_processes(_measured_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    a, b = (torch.load(tmp_path / f"measured{r}.pt") for r in range(2))
+    assert a["report"] == b["report"]
+    assert any(r[1] != "dense" for r in a["report"]), a["report"]  # rank 0's view won
+    assert torch.allclose(a["y"], b["y"], atol=1e-6)
