@@ -254,8 +254,12 @@ def main(args) -> list[dict]:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.ranks))
         proc = subprocess.run([sys.executable] + cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0 or not path.exists():
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            results.append({"case": name, "error": tail[0]})
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            # the exception's own line (torch.distributed.run ends its output with a banner)
+            errors = [ln.strip() for ln in lines if "Error" in ln or "Exception" in ln]
+            results.append({"case": name, "error": (errors or lines or ["no output"])[-1]})
+            if args.ranks > 1:
+                print(proc.stderr[-4000:], file=sys.stderr)
         else:
             results.append(json.loads(path.read_text()))
             path.unlink()
