@@ -253,7 +253,8 @@ def config_for(structure: str, params: float, allocation: str, args,
     it, and structfx's selection (the exact knapsack of ``passes/select.py``) spreads the
     budget over the layers, pricing every candidate by its estimated error: with calibration
     data, the relative output error on the held-out calibration rows; data-free, the weight
-    error."""
+    error. ``sensitive``: the knapsack with each layer's error weighted by the model output's
+    sensitivity to it (``Config(sensitivity=True)``) instead of its parameter count."""
     if allocation == "uniform":
         fractions = (params,)
     else:
@@ -263,7 +264,7 @@ def config_for(structure: str, params: float, allocation: str, args,
         structure=structure, params=params, force=True, exclude=("*pooler*",),
         blocks=(2, 4), rank_fractions=fractions, compressions=(2, 3, 4),
         steps=args.steps, estimate_steps=args.estimate_steps, calib_blend=calib_blend,
-        progress=args.verbose)
+        sensitivity=allocation == "sensitive", progress=args.verbose)
 
 
 def linear_share(report) -> tuple[float, float]:
@@ -283,9 +284,10 @@ def main(argv=None) -> None:
     ap.add_argument("--params", default="0.5,0.75", help="budgets: fractions of linear params")
     ap.add_argument("--init", default="free,data", help="free (weights only), data (calibration)")
     ap.add_argument("--allocation", default="uniform",
-                    help="comma list of uniform (every layer at the budget) and knapsack "
+                    help="comma list of uniform (every layer at the budget), knapsack "
                          "(structfx's knapsack over fractions around it, priced by held-out "
-                         "output error with calibration data)")
+                         "output error with calibration data) and sensitive (the knapsack "
+                         "with Config(sensitivity=True))")
     ap.add_argument("--calib-source", default="sentences", choices=["sentences", "docs"],
                     help="calibration / distillation text: sentences (examples/data/"
                          "calibration.txt, like eval.txt) or docs (structfx's docstrings: "
@@ -327,8 +329,10 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
 
     allocations = [a for a in args.allocation.split(",") if a]
-    if not allocations or any(a not in ("uniform", "knapsack") for a in allocations):
-        ap.error(f"--allocation: comma list of uniform, knapsack; got {args.allocation!r}")
+    if not allocations or any(a not in ("uniform", "knapsack", "sensitive")
+                              for a in allocations):
+        ap.error(f"--allocation: comma list of uniform, knapsack, sensitive; got "
+                 f"{args.allocation!r}")
     try:
         blends = [float(a) for a in args.calib_blend.split(",") if a]
     except ValueError:

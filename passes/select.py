@@ -67,7 +67,8 @@ class Option:
 @dataclass
 class Selection:
     """What ``select`` chose: ``choice[l]`` indexes ``layers[l]``; ``objective`` is
-    ``sum_l dense_params_l * error_l^2`` of that choice; totals are over all layers."""
+    ``sum_l w_l * error_l^2`` of that choice (``w_l``: the weights, by default the dense
+    parameter counts); totals are over all layers."""
 
     choice: list[int]
     objective: float
@@ -79,14 +80,17 @@ class Selection:
 
 def select(layers: Sequence[Sequence[Option]], *, params: Optional[float] = None,
            flops: Optional[float] = None, max_error: Optional[float] = None,
-           force: Optional[bool] = None) -> Selection:
+           force: Optional[bool] = None,
+           weights: Optional[Sequence[float]] = None) -> Selection:
     """Choose one option per layer.
 
     With a budget (``params`` / ``flops``: fractions of the dense totals over all layers), the
-    choice meets it and minimizes ``sum_l dense_params_l * error_l^2``: the parameter-weighted
-    squared relative error, i.e. the squared error of all weights together if every layer's
-    entries had the same scale. ``max_error`` excludes options whose error exceeds it (dense
-    always stays allowed).
+    choice meets it and minimizes ``sum_l w_l * error_l^2``. By default ``w_l`` is the layer's
+    dense parameter count: the parameter-weighted squared relative error, i.e. the squared
+    error of all weights together if every layer's entries had the same scale. ``weights``:
+    one ``w_l >= 0`` per layer instead (``passes/sensitivity.py``: how much the model's output
+    moves per unit of relative error in that layer's output). ``max_error`` excludes options
+    whose error exceeds it (dense always stays allowed).
 
     No budget, only ``max_error``: compress as far as ``max_error`` allows (per layer, the
     allowed option with the fewest parameters; ties go to the lower error).
@@ -105,6 +109,12 @@ def select(layers: Sequence[Sequence[Option]], *, params: Optional[float] = None
         if not opts or opts[0].error != 0:
             raise ValueError(f"select: layer {l} needs the dense option (error 0) at index 0")
 
+    if weights is None:
+        weights = [opts[0].params for opts in layers]
+    weights = [float(w) for w in weights]
+    if len(weights) != len(layers) or not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(f"select: weights must be {len(layers)} finite numbers >= 0, "
+                         f"got {weights!r}")
     allowed = [[k for k, o in enumerate(opts) if k == 0 or max_error is None
                 or o.error <= max_error] for opts in layers]
     dense_params = sum(opts[0].params for opts in layers)
@@ -112,8 +122,7 @@ def select(layers: Sequence[Sequence[Option]], *, params: Optional[float] = None
 
     def result(choice: list[int]) -> Selection:
         picked = [opts[k] for opts, k in zip(layers, choice)]
-        return Selection(choice, sum(opts[0].params * o.error ** 2 for opts, o in
-                                     zip(layers, picked)),
+        return Selection(choice, sum(w * o.error ** 2 for w, o in zip(weights, picked)),
                          sum(o.params for o in picked), sum(o.flops for o in picked),
                          dense_params, dense_flops)
 
@@ -151,7 +160,7 @@ def select(layers: Sequence[Sequence[Option]], *, params: Optional[float] = None
     # Variables: the allowed (layer, option) pairs. Rows are scaled to fractions of the dense
     # totals so HiGHS sees numbers near 1.
     pairs = [(l, k) for l, ks in enumerate(allowed) for k in ks]
-    cost = np.array([layers[l][0].params * layers[l][k].error ** 2 for l, k in pairs])
+    cost = np.array([weights[l] * layers[l][k].error ** 2 for l, k in pairs])
     one_each = csr_array((np.ones(len(pairs)), ([l for l, _ in pairs], range(len(pairs)))),
                          shape=(len(layers), len(pairs)))
     rows = [np.array([getattr(layers[l][k], name) for l, k in pairs], dtype=float)

@@ -76,6 +76,11 @@ class Config:
     calibration rows alone; a little keeps the directions they never excite, which matters
     when the calibration text is of another kind than what the model will see.
 
+    ``sensitivity``: with calibration data, weigh each layer's output error in the budget's
+    objective by how much the model's output moves per unit of it (measured by one perturbed
+    forward pass per layer on the first calibration batch, ``passes/sensitivity.py``) instead
+    of by the layer's parameter count.
+
     ``time_candidates``: time every candidate on this device instead of predicting its time
     with the roofline model (``compress(measure=True)`` is something else: it times the whole
     model, dense and compressed). ``measure=`` is its former name, still accepted (with a
@@ -96,6 +101,7 @@ class Config:
     steps: int = 300                      # BLAST descent: at most this many (stops on convergence)
     estimate_steps: int = 10               # per estimate run (data-free: extrapolated)
     calib_blend: float = 0.0              # data-aware: share of the data-free objective
+    sensitivity: bool = False             # data-aware: weigh layers by output sensitivity
     seed: int = 0
     device: Optional[str] = None          # device-table entry for the cost model; None: current
     time_candidates: bool = False         # time candidates on the device instead of estimating
@@ -130,6 +136,8 @@ class Config:
             if not (_integer(v) and v >= low):
                 _bad(name, f"an integer >= {low}", v)
             object.__setattr__(self, name, int(v))
+        if not isinstance(self.sensitivity, bool):
+            _bad("sensitivity", "True or False", self.sensitivity)
         if not (_real(self.calib_blend) and 0 <= self.calib_blend <= 1):
             _bad("calib_blend", "a fraction in [0, 1]", self.calib_blend)
         object.__setattr__(self, "calib_blend", float(self.calib_blend))

@@ -12,6 +12,7 @@ throws away the others' work.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -27,6 +28,7 @@ from .passes.estimate import Estimate, estimate_candidates
 from .passes.factorize import Factorized, build_layer, layer_seed
 from .passes.match import LinearSite
 from .passes.select import Option, candidate_grid, select
+from .passes.sensitivity import output_sensitivity
 from .passes.calib_stats import CalibStats, StatsRecorder, calib_digest
 from .passes.store import FactorStore, decision_settings
 
@@ -169,7 +171,18 @@ def run(gm: fx.GraphModule, sites: list[LinearSite], config: Config, *,
         checks.check_calibration(name, x)
     decisions = _recall(active, dense, model, config, store, rows)
     if decisions is None:
-        decisions = _decide(active, dense, model, config, store, rows, reasons, dist)
+        weights = None
+        if config.sensitivity and calibrated and batches and active:
+            try:
+                weights = output_sensitivity(gm, active, batches[0], seed=config.seed)
+            except Exception as e:
+                if config.strict:
+                    raise
+                warnings.warn(f"structfx: output sensitivity not measured ({_why(e)}); the "
+                              f"layers are weighed by their parameter count")
+            # rank 0's: forward passes with other thread counts round differently
+            weights = dist.same(weights)
+        decisions = _decide(active, dense, model, config, store, rows, reasons, dist, weights)
     chosen = [d for d in decisions.values() if d.replaced]
     if not calibrated and chosen and batches:
         rows = record_inputs(gm, [d.site for d in chosen], batches[:1])
@@ -231,7 +244,8 @@ def _recall(active, dense, model: CostModel, config: Config, store: FactorStore,
 
 
 def _decide(active, dense, model: CostModel, config: Config, store: FactorStore,
-            rows: dict, reasons: dict, dist: "_Dist") -> dict[str, Decision]:
+            rows: dict, reasons: dict, dist: "_Dist",
+            weights: Optional[dict] = None) -> dict[str, Decision]:
     work = [(s, candidate_grid(model, s.out_features, s.in_features, s.tokens, config))
             for s in active]
     if dist.world > 1:   # timed candidates (time_candidates=True) differ between the ranks
@@ -275,7 +289,8 @@ def _decide(active, dense, model: CostModel, config: Config, store: FactorStore,
                     for k, (c, e) in enumerate(zip(cands, ests))]
                    for _, cands, ests, _ in priced]
         sel = select(options, params=config.params, flops=config.flops,
-                     max_error=config.max_error, force=config.force)
+                     max_error=config.max_error, force=config.force,
+                     weights=None if weights is None else [weights[p[0].name] for p in priced])
         for (s, cands, ests, why), k in zip(priced, sel.choice):
             reason = why or (None if k else "kept dense by the budget")
             out[s.name] = Decision(s, cands[0], cands[k], ests[k] if k else None, reason)

@@ -381,6 +381,7 @@ def test_distill_teacher_failure_names_the_batch():
     (dict(steps=True), "steps"), (dict(blocks=(True,)), "blocks"),
     (dict(min_params=1.5), "min_params"), (dict(estimate_steps=-2), "estimate_steps"),
     (dict(calib_blend=1.5), "calib_blend"), (dict(calib_blend=-0.1), "calib_blend"),
+    (dict(sensitivity=1), "sensitivity"), (dict(sensitivity="yes"), "sensitivity"),
     (dict(include=3), "include"), (dict(exclude=["a", 1]), "exclude"), (dict(seed="0"), "seed"),
     (dict(device=3), "device"), (dict(device="tpu-ish"), "device"), (dict(cache_dir=1), "cache_dir"),
     (dict(force="yes"), "force"), (dict(strict=1), "strict"), (dict(flops=1.5), "flops"),

@@ -21,7 +21,7 @@ _OTHER = {"structure": "ss1", "params": 0.4, "flops": 0.6, "max_error": 0.9,
           "include": ("a*",), "exclude": ("b*",), "min_params": 7, "force": False,
           "blocks": (2,), "compressions": (3,), "rank_fractions": (0.3,), "steps": 11,
           "estimate_steps": 4, "seed": 5, "device": "A100 80GB", "time_candidates": True,
-          "calib_blend": 0.25}
+          "calib_blend": 0.25, "sensitivity": True}
 
 
 def test_every_decision_field_changes_the_decision_key():
