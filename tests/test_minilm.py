@@ -134,3 +134,28 @@ def test_docstring_sentences_rules(tmp_path):
                    "The second one is here too.",
                    "A bullet item is prose and kept like any other one."]
     assert ex.docstring_sentences(tmp_path, cap=2) == [got[0], got[2]]
+
+
+def test_augmented_batches_cut_at_max_tokens():
+    """The end-to-end batches: at most ``max_tokens`` wide, each cut sequence still ending in
+    [SEP]; the everyday sentences never reach 64 tokens, so the cut leaves them as they are."""
+    _, tok = ex.load_minilm()
+    docs = ex.calibration_sentences("docs")
+    cut = list(ex.augmented_batches(tok, docs, 20, max_tokens=32))
+    full = list(ex.augmented_batches(tok, docs, 20))
+    assert max(ids.shape[1] for ids, _ in full) > 32
+    for (ids, mask), (ids_full, _) in zip(cut, full):
+        assert ids.shape[1] <= 32
+        last = mask.sum(1) - 1
+        assert (ids[torch.arange(ids.shape[0]), last] == tok.sep_token_id).all()
+        width = min(ids.shape[1], ids_full.shape[1])
+        kept = mask.bool()[:, :width]
+        # same sequences, same seed: the cut ones are the first tokens of the full ones
+        # (up to the [SEP] put at the cut)
+        same = (ids[:, :width] == ids_full[:, :width]) | ~kept
+        same[torch.arange(ids.shape[0]), last.clamp(max=width - 1)] = True
+        assert same.all()
+    sentences = ex.read_sentences("calibration.txt")
+    a = list(ex.augmented_batches(tok, sentences, 20, max_tokens=64))
+    b = list(ex.augmented_batches(tok, sentences, 20))
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
