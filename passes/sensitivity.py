@@ -9,7 +9,10 @@ unit of relative squared noise added to layer ``l``'s output ``x W^T``. This pas
 ``w_l`` on one calibration batch: a reference run keeps every node's value, then for each
 layer Gaussian noise of relative size ``EPS`` is added to its output and only the nodes
 downstream of it are run again (``fx.Interpreter`` with the upstream values as its initial
-environment), so the cost is about one forward pass per layer.
+environment), so the cost is about one forward pass per layer. Keeping every node's value is
+one batch's activations, all of them; when those would exceed ``KEEP_BYTES`` (long sequences,
+a large model) each layer's run is a whole forward pass instead, which frees values as it
+goes.
 """
 from __future__ import annotations
 
@@ -24,6 +27,31 @@ from .match import LinearSite
 # Relative size of the injected noise: small enough for the first-order (linear) regime of
 # softmax and LayerNorm, large enough to stand clear of fp32 rounding in the outputs.
 EPS = 0.05
+# Above this many bytes of node values the reference run's environment is not kept.
+KEEP_BYTES = 1 << 30
+
+
+class _Sizes(fx.Interpreter):
+    """A plain run that adds up the bytes of every node's tensor values."""
+
+    total = 0
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        self.total += sum(t.numel() * t.element_size() for t in pytree.tree_leaves(out)
+                          if isinstance(t, torch.Tensor))
+        return out
+
+
+class _Perturbed(fx.Interpreter):
+    """A whole forward pass with ``node``'s value replaced by ``value``."""
+
+    def __init__(self, gm, node, value):
+        super().__init__(gm)
+        self.node, self.value = node, value
+
+    def run_node(self, n):
+        return self.value if n is self.node else super().run_node(n)
 
 
 def _float_leaves(out) -> list[torch.Tensor]:
@@ -43,14 +71,28 @@ def _downstream(node: fx.Node) -> set:
 
 
 def output_sensitivity(gm: fx.GraphModule, sites: Sequence[LinearSite], batch: Sequence,
-                       seed: int = 0) -> dict[str, float]:
+                       seed: int = 0, keep_bytes: int = KEEP_BYTES) -> dict[str, float]:
     """``name -> w``: the relative squared change of ``gm``'s floating outputs on ``batch``
     per unit relative squared noise in that site's output (module docstring). A site whose
-    output has no floating path to the outputs gets 0."""
+    output has no floating path to the outputs gets 0. ``keep_bytes``: the most node values
+    kept between the layers' runs (module docstring)."""
     with torch.no_grad():
-        ref_run = fx.Interpreter(gm, garbage_collect_values=False)
+        sizes = _Sizes(gm)
+        sizes.run(*batch)
+        keep = sizes.total <= keep_bytes
+        ref_run = fx.Interpreter(gm, garbage_collect_values=not keep)
+        watch = {s.node for s in sites} | {s.x for s in sites}
+        seen: dict = {}
+        if not keep:   # only the sites' own inputs and outputs
+            class _Watch(fx.Interpreter):
+                def run_node(self, n):
+                    out = super().run_node(n)
+                    if n in watch:
+                        seen[n] = out
+                    return out
+            ref_run = _Watch(gm)
         ref = _float_leaves(ref_run.run(*batch))
-        env = dict(ref_run.env)
+        env = dict(ref_run.env) if keep else seen
         y = torch.cat(ref) if ref else torch.zeros(0, dtype=torch.float64)
         y2 = float(y.pow(2).sum())
         gen = torch.Generator().manual_seed(seed)
@@ -65,10 +107,14 @@ def output_sensitivity(gm: fx.GraphModule, sites: Sequence[LinearSite], batch: S
                            @ s.linear_weight.detach().double().mT).norm())
             noise = torch.randn(value.shape, generator=gen, dtype=torch.float64)
             noise = noise * (EPS * clean / max(float(noise.norm()), 1e-300))
-            below = _downstream(s.node)
-            start = {n: v for n, v in env.items() if n not in below}
-            start[s.node] = value + noise.to(value.dtype)
-            got = _float_leaves(fx.Interpreter(gm).run(*batch, initial_env=start))
+            noisy = value + noise.to(value.dtype)
+            if keep:
+                below = _downstream(s.node)
+                start = {n: v for n, v in env.items() if n not in below}
+                start[s.node] = noisy
+                got = _float_leaves(fx.Interpreter(gm).run(*batch, initial_env=start))
+            else:
+                got = _float_leaves(_Perturbed(gm, s.node, noisy).run(*batch))
             moved = sum(float((g - r).pow(2).sum()) for g, r in zip(got, ref))
             out[s.name] = moved / y2 / EPS ** 2
         return out

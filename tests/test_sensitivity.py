@@ -99,3 +99,17 @@ def test_a_failed_measurement_falls_back_to_parameter_weights(monkeypatch):
     with pytest.raises(RuntimeError, match="can't run"):
         structfx.compress(model, calib[0], cfg.replace(strict=True), calibration=calib,
                           store=FactorStore())
+
+
+def test_whole_forward_passes_when_the_activations_are_too_many_to_keep():
+    """Above ``keep_bytes`` each layer's run is a whole forward pass: the same numbers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.GELU(),
+                          nn.Linear(32, 8)).eval()
+    x = torch.randn(64, 16)
+    gm, sites = _graph(model, x)
+    kept = output_sensitivity(gm, sites, (x,), seed=4)
+    rerun = output_sensitivity(gm, sites, (x,), seed=4, keep_bytes=0)
+    assert set(kept) == {"0", "2", "4"}
+    for name in kept:
+        assert rerun[name] == pytest.approx(kept[name], rel=1e-9), name
