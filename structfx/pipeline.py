@@ -156,9 +156,10 @@ def run(gm: fx.GraphModule, sites: list[LinearSite], config: Config, *,
         if reasons[s.name] is None and s.node not in used:
             reasons[s.name] = "its output is never used"
     active = [s for s in sites if reasons[s.name] is None]
-    # A CPU's profile is measured, so each process measures its own: the ranks take rank 0's,
-    # or their cost models (and so the candidates they offer) would differ.
-    profile = dist.same(device_profile(config.device))
+    # A CPU's profile is measured, so each process would measure its own: only rank 0
+    # measures and the ranks take its profile, or their cost models (and so the candidates
+    # they offer) would differ; ranks measuring at once also slow each other's measurement.
+    profile = dist.same(device_profile(config.device) if dist.rank == 0 else None)
     if dtype is None:
         dtype = active[0].weight.dtype if active else torch.float32
     model = CostModel(profile, dtype=dtype, time_candidates=config.time_candidates)
