@@ -159,7 +159,7 @@ def run(gm: fx.GraphModule, sites: list[LinearSite], config: Config, *,
     # A CPU's profile is measured, so each process would measure its own: only rank 0
     # measures and the ranks take its profile, or their cost models (and so the candidates
     # they offer) would differ; ranks measuring at once also slow each other's measurement.
-    profile = dist.same(device_profile(config.device) if dist.rank == 0 else None)
+    profile = dist.first(lambda: device_profile(config.device))
     if dtype is None:
         dtype = active[0].weight.dtype if active else torch.float32
     model = CostModel(profile, dtype=dtype, time_candidates=config.time_candidates)
@@ -174,15 +174,8 @@ def run(gm: fx.GraphModule, sites: list[LinearSite], config: Config, *,
     if decisions is None:
         weights = None
         if config.sensitivity and calibrated and batches and active:
-            try:
-                weights = output_sensitivity(gm, active, batches[0], seed=config.seed)
-            except Exception as e:
-                if config.strict:
-                    raise
-                warnings.warn(f"structfx: output sensitivity not measured ({_why(e)}); the "
-                              f"layers are weighed by their parameter count")
             # rank 0's: forward passes with other thread counts round differently
-            weights = dist.same(weights)
+            weights = dist.first(lambda: _sensitivity(gm, active, batches[0], config))
         decisions = _decide(active, dense, model, config, store, rows, reasons, dist, weights)
     chosen = [d for d in decisions.values() if d.replaced]
     if not calibrated and chosen and batches:
@@ -212,6 +205,18 @@ def run(gm: fx.GraphModule, sites: list[LinearSite], config: Config, *,
                                                  reason=reasons[s.name]) for s in sites]
     report = make_report(ordered, layers, profile.name)
     return Result(ordered, layers, report, store)
+
+
+def _sensitivity(gm, active, batch, config: Config) -> Optional[dict]:
+    """``output_sensitivity``, or None (parameter-count weights) with a warning if it fails."""
+    try:
+        return output_sensitivity(gm, active, batch, seed=config.seed)
+    except Exception as e:
+        if config.strict:
+            raise
+        warnings.warn(f"structfx: output sensitivity not measured ({_why(e)}); the layers are "
+                      f"weighed by their parameter count")
+        return None
 
 
 def _why(e: Exception) -> str:
@@ -247,10 +252,10 @@ def _recall(active, dense, model: CostModel, config: Config, store: FactorStore,
 def _decide(active, dense, model: CostModel, config: Config, store: FactorStore,
             rows: dict, reasons: dict, dist: "_Dist",
             weights: Optional[dict] = None) -> dict[str, Decision]:
-    work = [(s, candidate_grid(model, s.out_features, s.in_features, s.tokens, config))
-            for s in active]
-    if dist.world > 1:   # timed candidates (time_candidates=True) differ between the ranks
-        work = list(zip(active, dist.same([cands for _, cands in work])))
+    # rank 0's grids: timed candidates (time_candidates=True) differ between the ranks
+    work = list(zip(active, dist.first(lambda: [
+        candidate_grid(model, s.out_features, s.in_features, s.tokens, config)
+        for s in active])))
     todo = dist.share([w for w in work if len(w[1]) > 1],
                       lambda w: w[0].out_features * w[0].in_features * len(w[1]))
     bar = tqdm(total=len(todo), desc="structfx: estimating", leave=False,
@@ -326,14 +331,24 @@ class _Dist:
             load[r] += cost(items[i])
         return [it for i, it in enumerate(items) if owner[i] == self.rank]
 
-    def same(self, obj):
-        """Rank 0's ``obj`` on every rank (``obj`` itself in one process)."""
+    def first(self, compute):
+        """``compute()`` run on rank 0 only, its result on every rank (in one process: just
+        ``compute()``). An exception it raises is raised on every rank, so none is left
+        waiting for rank 0."""
         if self.world == 1:
-            return obj
-        box = [obj]
+            return compute()
+        box = [None]
+        if self.rank == 0:
+            try:
+                box = [(True, compute())]
+            except Exception as e:
+                box = [(False, e)]
         self.td.broadcast_object_list(box, src=self.td.get_global_rank(self.group, 0)
                                       if self.group is not None else 0, group=self.group)
-        return box[0]
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
 
     def _all_gather(self, obj) -> list:
         out = [None] * self.world

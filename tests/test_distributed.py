@@ -106,3 +106,40 @@ def test_ranks_decide_alike_when_their_cpu_measurements_differ(tmp_path):
     assert a["report"] == b["report"]
     assert any(r[1] != "dense" for r in a["report"]), a["report"]  # rank 0's view won
     assert torch.allclose(a["y"], b["y"], atol=1e-6)
+
+
+def _first_worker(rank: int, world: int, init: str, out: str):
+    import torch.distributed as dist
+
+    from structfx.pipeline import _Dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        d = _Dist()
+        calls = []
+        value = d.first(lambda: calls.append(rank) or f"from rank {rank}")
+
+        def broken():
+            raise ValueError(f"no profile on rank {rank}")
+
+        try:
+            d.first(broken)
+            raised = None
+        except ValueError as e:
+            raised = str(e)
+        torch.save({"value": value, "calls": calls, "raised": raised},
+                   os.path.join(out, f"first{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_first_runs_on_rank_0_and_raises_its_error_everywhere(tmp_path):
+    """``_Dist.first``: only rank 0 computes; its exception reaches every rank (none is left
+    waiting in the broadcast)."""
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.start_processes(_first_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    a, b = (torch.load(tmp_path / f"first{r}.pt") for r in range(2))
+    assert a["value"] == b["value"] == "from rank 0"
+    assert a["calls"] == [0] and b["calls"] == []
+    assert a["raised"] == b["raised"] == "no profile on rank 0"
