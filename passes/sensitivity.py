@@ -31,15 +31,24 @@ EPS = 0.05
 KEEP_BYTES = 1 << 30
 
 
-class _Sizes(fx.Interpreter):
-    """A plain run that adds up the bytes of every node's tensor values."""
+class _Reference(fx.Interpreter):
+    """A plain run that also keeps node values in ``values``: every node's while they add up
+    to at most ``keep_bytes`` (then ``all`` stays True), else only the ``watch`` nodes'."""
 
-    total = 0
+    def __init__(self, gm, watch: set, keep_bytes: int):
+        super().__init__(gm)
+        self.watch, self.room, self.values, self.all = watch, keep_bytes, {}, True
 
     def run_node(self, n):
         out = super().run_node(n)
-        self.total += sum(t.numel() * t.element_size() for t in pytree.tree_leaves(out)
-                          if isinstance(t, torch.Tensor))
+        if self.all:
+            self.room -= sum(t.numel() * t.element_size() for t in pytree.tree_leaves(out)
+                             if isinstance(t, torch.Tensor))
+            if self.room < 0:
+                self.all = False
+                self.values = {k: v for k, v in self.values.items() if k in self.watch}
+        if self.all or n in self.watch:
+            self.values[n] = out
         return out
 
 
@@ -77,22 +86,9 @@ def output_sensitivity(gm: fx.GraphModule, sites: Sequence[LinearSite], batch: S
     output has no floating path to the outputs gets 0. ``keep_bytes``: the most node values
     kept between the layers' runs (module docstring)."""
     with torch.no_grad():
-        sizes = _Sizes(gm)
-        sizes.run(*batch)
-        keep = sizes.total <= keep_bytes
-        ref_run = fx.Interpreter(gm, garbage_collect_values=not keep)
-        watch = {s.node for s in sites} | {s.x for s in sites}
-        seen: dict = {}
-        if not keep:   # only the sites' own inputs and outputs
-            class _Watch(fx.Interpreter):
-                def run_node(self, n):
-                    out = super().run_node(n)
-                    if n in watch:
-                        seen[n] = out
-                    return out
-            ref_run = _Watch(gm)
+        ref_run = _Reference(gm, {s.node for s in sites} | {s.x for s in sites}, keep_bytes)
         ref = _float_leaves(ref_run.run(*batch))
-        env = dict(ref_run.env) if keep else seen
+        keep, env = ref_run.all, ref_run.values
         y = torch.cat(ref) if ref else torch.zeros(0, dtype=torch.float64)
         y2 = float(y.pow(2).sum())
         gen = torch.Generator().manual_seed(seed)
