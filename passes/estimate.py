@@ -4,9 +4,10 @@
   (the error at rank ``k`` is the tail of its spectrum); data-aware, the SVD of the whitened
   ``W K`` (``K K^T`` the Gram of the fit rows), whose truncation is the output-optimal rank-k
   layer (SVD-LLM); its held-out output error for every ``k`` is a weighted tail sum.
-* BLAST at b >= 2: one factorization at the grid's largest rank, cut to each smaller rank
-  (``factorize_blast.blast_error_curve``): one per (layer, b), not one per candidate. With
-  calibration rows, never above the low-rank error at the same rank (the final's start).
+* BLAST at b >= 2 (``factorize_blast.blast_error_curve``), per (layer, b), not per candidate:
+  data-free, short runs at two anchor ranks, the others read off the weight's singular values
+  through them; data-aware, one factorization at the grid's largest rank, cut to each smaller
+  rank, never above the low-rank error at the same rank (the final's start).
 * SS1: the projection is closed form; it is the estimate.
 
 With calibration rows a candidate is priced by its output error on the held-out rows (the one
@@ -92,7 +93,7 @@ def estimate_candidates(weight: Tensor, candidates: list, *, seed: int, ss1_seed
             out[i] = Estimate(f.error, f.output_error)
         else:
             by_blocks.setdefault(tuple(c.blocks), []).append(i)
-    tails = None
+    tails = spectrum = None
     for blocks, idx in by_blocks.items():
         ranks = [candidates[i].rank for i in idx]
         if tails is None and (blocks == (1, 1) or calib is not None):
@@ -100,8 +101,10 @@ def estimate_candidates(weight: Tensor, candidates: list, *, seed: int, ss1_seed
         if blocks == (1, 1):
             errs = [tails(r) for r in ranks]
         else:
+            if calib is None and spectrum is None:
+                spectrum = torch.linalg.svdvals(weight.detach().double())
             errs = blast_error_curve(weight, blocks, ranks, steps, calib, seed=seed,
-                                     blend=blend)
+                                     blend=blend, spectrum=spectrum)
             if calib is not None:
                 # Data-aware BLAST starts from the whitened rank-r SVD (the low-rank layer at
                 # the same rank) and its descent never increases the fit objective: the final

@@ -18,7 +18,7 @@ from ..layers import BlastLinear, SS1Linear
 from .calib_stats import calib_digest
 from .cost_model import Candidate
 from .estimate import lowrank_spectrum
-from .factorize_blast import (DEFAULT_TOL, MIN_STEPS, BlastFactors, _unit_columns,
+from .factorize_blast import (DEFAULT_TOL, DESCENT_VERSION, MIN_STEPS, BlastFactors, _unit_columns,
                               factorize_blast, output_error)
 from .match import LinearSite
 from .project_ss1 import project_ss1
@@ -66,7 +66,7 @@ def _settings(site: LinearSite, cand: Candidate, config, calib: Optional[torch.T
         s.update(blocks=[1, 1], rank=cand.rank, method="svd")
     elif cand.structure == "blast":
         s.update(blocks=list(cand.blocks), rank=cand.rank, steps=config.steps, tol=DEFAULT_TOL,
-                 min_steps=MIN_STEPS)
+                 min_steps=MIN_STEPS, descent=DESCENT_VERSION)
     else:
         from ..kernels import ss1_hash
 

@@ -455,3 +455,63 @@ def test_wide_and_tall_layers_factorize_alike():
     tall = factorize_blast(W, 4, 10, steps=300, tol=DEFAULT_TOL)
     wide = factorize_blast(W.T.contiguous(), 4, 10, steps=300, tol=DEFAULT_TOL)
     assert abs(tall.error - wide.error) < 0.02 * tall.error, (tall.error, wide.error)
+
+
+@pytest.mark.parametrize("aware", [False, True])
+def test_accelerated_descent_is_exact_and_ahead(aware):
+    """The extrapolation before each sweep is kept only where it lowers the objective, which
+    it takes from the U step's products: the tracked objective stays the exact one (data-free
+    and with the cross-block covariance), and after the same number of steps the accelerated
+    descent is ahead of the plain one."""
+    from structfx.passes import factorize_blast as fb
+
+    W = torch.randn(96, 64, generator=gen(21), dtype=torch.float64)
+    X = None
+    if aware:   # anisotropic inputs, so C is far from the identity
+        X = torch.randn(400, 64, generator=gen(22), dtype=torch.float64) * \
+            torch.logspace(0, -1.5, 64, dtype=torch.float64)
+    prob = fb._prepare(W, 4, 4, X)
+    U0, S0, V0 = fb._start(prob, 10, "svd", 0)
+    ends = {}
+    for acc in (False, True):
+        curve: list = []
+        U, S, V = fb._descend(prob.Wb, U0, S0, V0, 40, fb.DEFAULT_LR, prob.C, curve=curve,
+                              accelerate=acc)
+        f = fb._objective(prob.Wb, U, S, V, prob.C)
+        w = fb._objective(prob.Wb, 0 * U, S, V, prob.C)        # 1/2 ||W||_C^2
+        assert abs(curve[-1] - (f / w) ** 0.5) < 1e-8, (acc, curve[-1], (f / w) ** 0.5)
+        assert curve == sorted(curve, reverse=True)
+        ends[acc] = curve[-1]
+    assert ends[True] < 0.99 * ends[False], ends
+
+
+def test_anchor_ranks_are_the_top_and_two_thirds_of_it():
+    from structfx.passes.factorize_blast import anchor_ranks
+
+    assert anchor_ranks([10, 20]) == [10, 20]
+    assert anchor_ranks([30, 10, 20, 10]) == [20, 30]
+    assert anchor_ranks([12, 25, 37, 50, 62, 75]) == [50, 75]
+
+
+def test_rank_interpolation_recovers_an_effective_rank_law():
+    """Errors that follow the truncated SVD at g(r) r with g linear in r are reproduced
+    exactly from two anchors; g = 1 is low rank itself. Anchors that can't define g give None."""
+    from structfx.passes.factorize_blast import interpolate_ranks
+
+    s = torch.linspace(3.0, 0.1, 200, dtype=torch.float64) ** 1.5
+    energy = s.pow(2)
+
+    def tail(k: float) -> float:          # continuous-rank truncated-SVD error
+        i = int(k)
+        kept = energy[:i].sum() + (k - i) * energy[i]
+        return float(((energy.sum() - kept) / energy.sum()).sqrt())
+
+    g = lambda r: 1.1 + 0.004 * r
+    anchors = {40: tail(g(40) * 40), 60: tail(g(60) * 60)}
+    got = interpolate_ranks(s, anchors, [10, 25, 50])
+    for r in (10, 25, 50):
+        assert got[r] == pytest.approx(tail(g(r) * r), rel=1e-9), r
+    low = interpolate_ranks(s, {40: tail(40), 60: tail(60)}, [20])
+    assert low[20] == pytest.approx(tail(20), rel=1e-9)
+    assert interpolate_ranks(s, {40: 0.5, 60: 0.6}, [50]) is None       # not falling
+    assert interpolate_ranks(s, {40: 0.5, 60: 0.0}, [50]) is None       # exact fit
