@@ -184,6 +184,19 @@ def augmented_batches(tokenizer, sentences: list[str], count: int, seed: int = 0
                torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs]))
 
 
+def cut_batches(batches: list[tuple], max_tokens: int, sep: int) -> list[tuple]:
+    """``(input_ids, attention_mask)`` batches with sequences longer than ``max_tokens`` cut
+    to that many tokens, the last one [SEP] (``max_tokens = 0``: as they are)."""
+    out = []
+    for ids, mask in batches:
+        if max_tokens and ids.shape[1] > max_tokens:
+            ids, mask = ids[:, :max_tokens].clone(), mask[:, :max_tokens].clone()
+            long = mask[:, -1].bool()                 # rows that ran past the cut
+            ids[long, -1] = sep
+        out.append((ids, mask))
+    return out
+
+
 @torch.no_grad()
 def embed(model: nn.Module, batches: list[tuple]) -> torch.Tensor:
     """Mean-pooled (over real tokens), L2-normalized sentence embeddings."""
@@ -309,8 +322,9 @@ def main(argv=None) -> None:
     ap.add_argument("--e2e-steps", type=int, default=600, help="end-to-end distill steps")
     ap.add_argument("--e2e-lr", type=float, default=3e-3, help="end-to-end relative step size")
     ap.add_argument("--distill-max-tokens", type=int, default=64,
-                    help="end-to-end batches: cut longer sequences to this many tokens (0: no "
-                         "cut; the everyday sentences never reach 64, joined pairs included)")
+                    help="distillation batches (layer-wise and end-to-end): cut longer "
+                         "sequences to this many tokens (0: no cut; the everyday sentences "
+                         "never reach 64, joined pairs included)")
     ap.add_argument("--distill-seconds", type=float, default=300.0,
                     help="time limit of one distill() call (the end-to-end phase stops early)")
     ap.add_argument("--no-augment", dest="augment", action="store_false",
@@ -412,7 +426,10 @@ def run_one(model, calib, held, reference, timing_batch, onnx, structure, params
         e2e_inputs = (augmented_batches(tokenizer, calib_sentences, args.e2e_steps,
                                         max_tokens=args.distill_max_tokens)
                       if args.augment else None)
-        result = structfx.distill(small, model, calib, steps=args.distill_steps,
+        # the layer-wise phase too: on the docstrings its full-length batches took most of
+        # the time limit
+        fit = cut_batches(calib, args.distill_max_tokens, tokenizer.sep_token_id)
+        result = structfx.distill(small, model, fit, steps=args.distill_steps,
                          end_to_end_steps=args.e2e_steps, end_to_end_lr=args.e2e_lr,
                          end_to_end_inputs=e2e_inputs, time_limit=args.distill_seconds,
                          progress=args.verbose)

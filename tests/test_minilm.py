@@ -159,3 +159,19 @@ def test_augmented_batches_cut_at_max_tokens():
     a = list(ex.augmented_batches(tok, sentences, 20, max_tokens=64))
     b = list(ex.augmented_batches(tok, sentences, 20))
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+def test_cut_batches_keeps_short_rows_and_ends_cut_ones_in_sep():
+    """The layer-wise distillation batches: rows longer than the cut end in [SEP] at the cut,
+    shorter rows (and their padding) are unchanged, and batches within the cut are the same
+    tensors."""
+    sep = 102
+    ids = torch.tensor([[101, 5, 6, 7, 8, 9, sep], [101, 5, sep, 0, 0, 0, 0]])
+    mask = (ids != 0).long()
+    (cid, cmask), = ex.cut_batches([(ids, mask)], 4, sep)
+    assert cid.tolist() == [[101, 5, 6, sep], [101, 5, sep, 0]]
+    assert cmask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert ids[0, 3] == 7                                  # the caller's batch is untouched
+    (same_ids, same_mask), = ex.cut_batches([(ids, mask)], 7, sep)
+    assert same_ids is ids and same_mask is mask
+    assert ex.cut_batches([(ids, mask)], 0, sep)[0][0] is ids
