@@ -475,7 +475,9 @@ def _descend(Wb: Tensor, U: Tensor, S: Tensor, V: Tensor, steps: int, lr: float,
     5 steps (convergence; not before ``MIN_STEPS``), else run all ``steps``. ``curve``:
     receives the relative error ``sqrt(2 f) / ||W||_C`` after every step. ``decay=False``
     keeps ``eta = lr`` throughout (short runs: the linear decay to 0 only pays off over a long
-    one)."""
+    one). ``accelerate``: before each sweep, try the factors pushed on along the last sweep's
+    move (Nesterov-style, restarted whenever a push is refused) and keep the push only where
+    it lowers ``f``."""
     b1, b2, p, q = Wb.shape
     if C is None and b1 * q > b2 * p:
         # Data-free, the problem for W^T is the same one with U and V swapped. Solved that way
@@ -505,7 +507,8 @@ def _descend(Wb: Tensor, U: Tensor, S: Tensor, V: Tensor, steps: int, lr: float,
     for t in bar:
         eta = lr * (1 - t / steps) if decay else lr
         system = None
-        if accelerate and prev is not None and k > 0:
+        # (not near an exact fit, where no push could clear the margin)
+        if accelerate and prev is not None and k > 0 and f > 2 * ACCEL_MARGIN * g.w2:
             # Nesterov-style extrapolation along the last sweep's move, kept only where it
             # lowers f, which the U step's own products give exactly:
             # f = 1/2 ||W||^2 - <U, B> + 1/2 <U H, U>.
