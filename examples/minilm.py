@@ -184,6 +184,14 @@ def augmented_batches(tokenizer, sentences: list[str], count: int, seed: int = 0
                torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs]))
 
 
+def interleave(first: list, second: list) -> list:
+    """``[first[0], second[0], first[1], second[1], ...]``, the longer list's rest at the end
+    (compress records only the first 8192 rows of a layer's inputs: appended batches could
+    fall past them)."""
+    mixed = [b for pair in zip(first, second) for b in pair]
+    return mixed + first[len(second):] + second[len(first):]
+
+
 def cut_batches(batches: list[tuple], max_tokens: int, sep: int) -> list[tuple]:
     """``(input_ids, attention_mask)`` batches with sequences longer than ``max_tokens`` cut
     to that many tokens, the last one [SEP] (``max_tokens = 0``: as they are)."""
@@ -316,6 +324,10 @@ def main(argv=None) -> None:
                          "(0: calibration Gram alone, 1: data-free objective); default 0, "
                          "as the tables of docs/minilm.md were measured (structfx's default "
                          "is Config().calib_blend)")
+    ap.add_argument("--calib-augment", type=int, default=0, metavar="K",
+                    help="add K augmented batches of the calibration text (random vocabulary "
+                         "words swapped in, pairs joined, random word strings: "
+                         "augmented_batches) to the calibration batches")
     ap.add_argument("--distill", action="store_true",
                     help="also structfx.distill() every data-initialized model")
     ap.add_argument("--distill-steps", type=int, default=100, help="Adam steps per layer")
@@ -367,6 +379,11 @@ def main(argv=None) -> None:
     calib_sentences = calibration_sentences(args.calib_source)
     eval_sentences = read_sentences("eval.txt")
     calib, held = make_batches(tokenizer, calib_sentences), make_batches(tokenizer, eval_sentences)
+    if args.calib_augment:   # the calibration text's augmented batches, as distillation's,
+        # interleaved: compress records the first 8192 rows of each layer's inputs
+        calib = interleave(calib, list(augmented_batches(
+            tokenizer, calib_sentences, args.calib_augment, seed=1,
+            max_tokens=args.distill_max_tokens)))
     timing_batch = held[len(held) // 2]
     reference = embed(model, held)
     print(f"all-MiniLM-L6-v2: {sum(p.numel() for p in model.parameters()):,} parameters; "
@@ -426,9 +443,11 @@ def run_one(model, calib, held, reference, timing_batch, onnx, structure, params
         e2e_inputs = (augmented_batches(tokenizer, calib_sentences, args.e2e_steps,
                                         max_tokens=args.distill_max_tokens)
                       if args.augment else None)
-        # the layer-wise phase too: on the docstrings its full-length batches took most of
-        # the time limit
-        fit = cut_batches(calib, args.distill_max_tokens, tokenizer.sep_token_id)
+        # The layer-wise phase fits the calibration text itself (cut like the end-to-end
+        # batches), not the --calib-augment batches: the end-to-end phase has its own
+        # augmented stream, and twice the layer-wise batches cost ~30 % of its steps.
+        fit = cut_batches(make_batches(tokenizer, calib_sentences), args.distill_max_tokens,
+                          tokenizer.sep_token_id)
         result = structfx.distill(small, model, fit, steps=args.distill_steps,
                          end_to_end_steps=args.e2e_steps, end_to_end_lr=args.e2e_lr,
                          end_to_end_inputs=e2e_inputs, time_limit=args.distill_seconds,

@@ -175,3 +175,9 @@ def test_cut_batches_keeps_short_rows_and_ends_cut_ones_in_sep():
     (same_ids, same_mask), = ex.cut_batches([(ids, mask)], 7, sep)
     assert same_ids is ids and same_mask is mask
     assert ex.cut_batches([(ids, mask)], 0, sep)[0][0] is ids
+
+
+def test_interleave_alternates_and_keeps_every_batch():
+    assert ex.interleave([1, 2, 3], ["a"]) == [1, "a", 2, 3]
+    assert ex.interleave([1], ["a", "b", "c"]) == [1, "a", "b", "c"]
+    assert ex.interleave([], ["a"]) == ["a"]
