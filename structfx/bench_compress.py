@@ -156,8 +156,8 @@ def run_case(name: str, quick: bool = False, blocks: Optional[tuple] = None) -> 
 
     ranks = td.get_world_size() if td.is_initialized() else 1
     gc.collect()
-    before = _rss()
     fresh_peak = _reset_peak()
+    before = _rss()       # after the reset: the peak tracks the max from there, so peak >= before
     if ranks > 1:
         td.barrier()
     t0 = time.perf_counter()
