@@ -50,13 +50,7 @@ def lowrank_spectrum(weight: Tensor, calib: Optional[Tensor] = None, blend: floa
     m, n = W.shape
     if calib is None:
         U, s, Vh = torch.linalg.svd(W, full_matrices=False)
-        A, B = U * s, Vh.mT
-        w2 = s.pow(2)
-        total = float(w2.sum())
-
-        def tails(k: int):
-            return math.sqrt(float(w2[k:].sum()) / total) if total > 0 else 0.0, None
-        return A, B, tails
+        return U * s, Vh.mT, spectral_tails(s)
     st = calib_stats(calib)
     held = st.held.to(device=W.device, dtype=torch.float64)
     C = blend_gram(st.gram.to(W.device), blend)
@@ -78,6 +72,17 @@ def lowrank_spectrum(weight: Tensor, calib: Optional[Tensor] = None, blend: floa
     return A, Bm, tails
 
 
+def spectral_tails(s: Tensor):
+    """``tails(k)``: ``(weight error, None)`` of the rank-``k`` truncated SVD of a matrix with
+    singular values ``s``."""
+    w2 = s.double().pow(2)
+    total = float(w2.sum())
+
+    def tails(k: int):
+        return math.sqrt(float(w2[k:].sum()) / total) if total > 0 else 0.0, None
+    return tails
+
+
 def estimate_candidates(weight: Tensor, candidates: list, *, seed: int, ss1_seed: int,
                         steps: int, calib: Optional[Tensor] = None,
                         blend: float = 0.0) -> list[Estimate]:
@@ -93,7 +98,11 @@ def estimate_candidates(weight: Tensor, candidates: list, *, seed: int, ss1_seed
             out[i] = Estimate(f.error, f.output_error)
         else:
             by_blocks.setdefault(tuple(c.blocks), []).append(i)
-    tails = spectrum = None
+    # Data-free, the singular values alone price low rank and place BLAST's ranks between
+    # its anchors: one svdvals per layer for both.
+    spectrum = torch.linalg.svdvals(weight.detach().double()) \
+        if calib is None and by_blocks else None
+    tails = None if spectrum is None else spectral_tails(spectrum)
     for blocks, idx in by_blocks.items():
         ranks = [candidates[i].rank for i in idx]
         if tails is None and (blocks == (1, 1) or calib is not None):
@@ -101,8 +110,6 @@ def estimate_candidates(weight: Tensor, candidates: list, *, seed: int, ss1_seed
         if blocks == (1, 1):
             errs = [tails(r) for r in ranks]
         else:
-            if calib is None and spectrum is None:
-                spectrum = torch.linalg.svdvals(weight.detach().double())
             errs = blast_error_curve(weight, blocks, ranks, steps, calib, seed=seed,
                                      blend=blend, spectrum=spectrum)
             if calib is not None:

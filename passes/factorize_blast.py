@@ -506,7 +506,7 @@ def _descend(Wb: Tensor, U: Tensor, S: Tensor, V: Tensor, steps: int, lr: float,
     bar = tqdm(range(steps), desc="BLAST factorize", disable=not progress)
     for t in bar:
         eta = lr * (1 - t / steps) if decay else lr
-        system = None
+        system, cur = None, (U, S, V, CV)
         # (not near an exact fit, where no push could clear the margin)
         if accelerate and prev is not None and k > 0 and f > 2 * ACCEL_MARGIN * g.w2:
             # Nesterov-style extrapolation along the last sweep's move, kept only where it
@@ -520,7 +520,6 @@ def _descend(Wb: Tensor, U: Tensor, S: Tensor, V: Tensor, steps: int, lr: float,
                 Me = Ve[:, None].mT @ CVe
             Be, He = u_system(Se, Ve, Me)
             fe = 0.5 * g.w2 - float((Ue * Be).sum()) + 0.5 * float(((Ue @ He) * Ue).sum())
-            cur = (U, S, V, CV)
             if 0 < fe < f - ACCEL_MARGIN * g.w2:
                 U, S, V, f, system, k = Ue, Se, Ve, fe, (Be, He), k + 1
                 if aware:
@@ -528,7 +527,7 @@ def _descend(Wb: Tensor, U: Tensor, S: Tensor, V: Tensor, steps: int, lr: float,
             else:
                 k = 0                                                    # restart
         else:
-            cur, k = (U, S, V, CV), k + 1
+            k += 1
         prev = cur
         delta = 0.1 * math.sqrt(2 * max(f, 0.0)) + floor
 
