@@ -19,7 +19,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .checks import calibration_problem
+from .checks import calibration_problem, gram_limit, too_large
 
 HOLDOUT_EVERY = 8  # every 8th calibration row (12.5%) is held out for ``output_error``
 # Rows per Gram product: each is summed in the rows' dtype, the products in fp64.
@@ -50,6 +50,54 @@ class CalibStats:
     def cov(self, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
         """``X_fit^T X_fit / N_fit`` in ``dtype`` on ``device``."""
         return (self.gram / max(self.count, 1)).to(device=device, dtype=dtype)
+
+
+def stats_bytes(in_features: int, max_rows: int, itemsize: int = 4) -> int:
+    """Upper bound on the bytes one ``CalibStats`` of ``max_rows`` rows of width ``in_features``
+    holds: the fp64 Gram and the held-out rows (``itemsize`` bytes per value)."""
+    held = -(-max_rows // HOLDOUT_EVERY)
+    return in_features * in_features * 8 + held * in_features * itemsize
+
+
+class RowDigest:
+    """What ``StatsRecorder`` would say about a stream of rows without keeping its Gram: the
+    digest (the same one) and the rows' problem (non-finite, or a Gram that would overflow
+    fp32, from the columns' sums of squares), in ``O(n)`` memory."""
+
+    def __init__(self, in_features: int, max_rows: Optional[int] = None):
+        self.n = in_features
+        self.max_rows = max_rows
+        self.seen = 0
+        self.squares = torch.zeros(in_features, dtype=torch.float64)
+        self.max_abs = 0.0
+        self.hash = hashlib.blake2b(digest_size=16)
+        self.problem: Optional[str] = None
+
+    def add(self, x: Tensor) -> None:
+        if self.max_rows is not None and self.seen >= self.max_rows:
+            return
+        x = x.detach().reshape(-1, x.shape[-1])
+        if self.max_rows is not None:
+            x = x[: self.max_rows - self.seen]
+        if not x.shape[0]:
+            return
+        if self.problem is None:
+            self.problem = calibration_problem(x, gram_dtype=None)
+        x = x.cpu().contiguous()
+        _hash_rows(self.hash, x, first=not self.seen)
+        if self.problem is None:
+            self.max_abs = max(self.max_abs, float(x.abs().max()))
+            self.squares += x.double().pow(2).sum(0)
+        self.seen += x.shape[0]
+
+    def finish(self) -> tuple[str, Optional[str]]:
+        """``(digest, problem or None)``."""
+        problem = self.problem
+        if problem is None and not self.seen:
+            problem = "calibration inputs are empty"
+        if problem is None and float(self.squares.max()) > gram_limit(torch.float32):
+            problem = too_large(self.max_abs, torch.float32)
+        return self.hash.hexdigest(), problem
 
 
 class StatsRecorder:

@@ -17,6 +17,16 @@ import torch
 _GRAM_HEADROOM = 1e6
 
 
+def gram_limit(gram_dtype: torch.dtype) -> float:
+    """The largest Gram diagonal entry ``gram_dtype`` takes with headroom for the products."""
+    return torch.finfo(gram_dtype).max / _GRAM_HEADROOM
+
+
+def too_large(max_abs: float, gram_dtype: torch.dtype) -> str:
+    return (f"calibration inputs are too large (max |x| = {max_abs:.3g}): their Gram matrix "
+            f"X^T X overflows {gram_dtype}; scale the inputs down or check the model")
+
+
 def calibration_problem(x: torch.Tensor, gram_dtype: Optional[torch.dtype] = torch.float32
                         ) -> Optional[str]:
     """What makes ``x`` ``(..., in_features)`` unusable as calibration inputs, or None.
@@ -33,10 +43,8 @@ def calibration_problem(x: torch.Tensor, gram_dtype: Optional[torch.dtype] = tor
             return "calibration inputs are empty"
         if gram_dtype is not None:
             diag = float((x.gram.diagonal() + x.held.double().pow(2).sum(0)).max())
-            if diag > torch.finfo(gram_dtype).max / _GRAM_HEADROOM:
-                return (f"calibration inputs are too large (max |x| = {x.max_abs:.3g}): "
-                        f"their Gram matrix X^T X overflows {gram_dtype}; scale the inputs "
-                        f"down or check the model")
+            if diag > gram_limit(gram_dtype):
+                return too_large(x.max_abs, gram_dtype)
         return None
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
@@ -56,11 +64,8 @@ def calibration_problem(x: torch.Tensor, gram_dtype: Optional[torch.dtype] = tor
     if gram_dtype is not None:
         rows = x.detach().reshape(-1, x.shape[-1] if x.dim() else 1).double()
         diag = float(rows.pow(2).sum(0).max())
-        limit = torch.finfo(gram_dtype).max / _GRAM_HEADROOM
-        if diag > limit:
-            return (f"calibration inputs are too large (max |x| = "
-                    f"{float(x.abs().max()):.3g}): their Gram matrix X^T X overflows "
-                    f"{gram_dtype}; scale the inputs down or check the model")
+        if diag > gram_limit(gram_dtype):
+            return too_large(float(x.abs().max()), gram_dtype)
     return None
 
 

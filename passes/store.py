@@ -36,7 +36,7 @@ import torch
 
 # Config fields that don't change what is decided or factorized.
 NOT_DECISIONS = frozenset({"report", "progress", "strict", "on_stale", "stale_check",
-                           "cache_dir"})
+                           "cache_dir", "calib_memory"})
 FORMAT = 2   # disk-cache entry format
 
 

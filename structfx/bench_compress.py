@@ -10,8 +10,10 @@ is that model's alone.
 
 Models: the 3-layer MLP (512 -> 2048 -> 512 -> 512, default Config), the README demo BERT
 (4 layers, hidden 512, the demo's Config), all-MiniLM-L6-v2 (data-aware on
-examples/data/calibration.txt, ``structure="auto"``, 50% of linear params, knapsack), and a
-Llama-style model (8 layers, hidden 1024, random weights, default Config).
+examples/data/calibration.txt, ``structure="auto"``, 50% of linear params, knapsack), a
+Llama-style model (8 layers, hidden 1024, random weights, default Config), and the same model
+data-aware on 8 x 128 random tokens with low rank only (``llama-aware``: what the calibration
+statistics cost in memory; ``--calib-memory`` bounds them).
 
 ``--ranks N``: every case runs under ``torch.distributed.run`` with N processes (gloo, each
 with ``cores / N`` threads), which split the layers between them (``compress``'s layer-parallel
@@ -30,7 +32,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-CASES = ("mlp", "demo", "minilm", "llama")
+CASES = ("mlp", "demo", "minilm", "llama", "llama-aware")
 DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
 
 
@@ -123,7 +125,7 @@ def _case(name: str, quick: bool):
             batches.append((t["input_ids"], t["attention_mask"]))
         cfg = structfx.Config(structure="auto", params=0.5, force=True, progress=False)
         return model, batches[0], cfg, batches
-    if name == "llama":
+    if name in ("llama", "llama-aware"):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
@@ -134,14 +136,21 @@ def _case(name: str, quick: bool):
                            tie_word_embeddings=False)
         model = LlamaForCausalLM(lcfg).eval()
         ids = torch.randint(0, 1000, (1, 64 if quick else 128))
-        return model, (ids,), structfx.Config(progress=False, min_params=1024 if quick
-                                              else 16384), None
+        cfg = structfx.Config(progress=False, min_params=1024 if quick else 16384)
+        if name == "llama":
+            return model, (ids,), cfg, None
+        # data-aware: 8 x 128 random tokens of calibration; low rank only (its data-aware
+        # factorization is the whitened SVD: the run's memory is the statistics' and the SVDs')
+        calib = [(torch.randint(0, 1000, ids.shape),) for _ in range(2 if quick else 8)]
+        return model, (ids,), cfg.replace(blocks=(1,)), calib
     raise ValueError(f"unknown case {name!r}; known: {CASES}")
 
 
-def run_case(name: str, quick: bool = False, blocks: Optional[tuple] = None) -> dict:
+def run_case(name: str, quick: bool = False, blocks: Optional[tuple] = None,
+             calib_memory: Optional[int] = None) -> dict:
     """Compress one model in this process; the numbers as a dict. ``blocks``: the BLAST block
-    counts to offer instead of the case's own (``Config.blocks``)."""
+    counts to offer instead of the case's own (``Config.blocks``); ``calib_memory``:
+    ``Config.calib_memory`` (bytes of calibration statistics held at once)."""
     import structfx
     from structfx.passes.store import FactorStore
 
@@ -150,6 +159,8 @@ def run_case(name: str, quick: bool = False, blocks: Optional[tuple] = None) -> 
     model, args, cfg, calib = _case(name, quick)
     if blocks:
         cfg = cfg.replace(blocks=tuple(blocks))
+    if calib_memory:
+        cfg = cfg.replace(calib_memory=int(calib_memory))
     weights = _model_bytes(model)
     store = FactorStore()
     import gc
@@ -185,6 +196,8 @@ def run_case(name: str, quick: bool = False, blocks: Optional[tuple] = None) -> 
         extra = None if any(e[3] is None for e in every) else sum(e[3] for e in every)
         work = tuple(sum(e[4][k] for e in every) for k in range(2))
     case = name if not blocks else f"{name} (blocks {','.join(map(str, blocks))})"
+    if calib_memory:
+        case += f" (calib_memory {calib_memory / 2**20:g} MiB)"
     return {"case": case if ranks == 1 else f"{case}, {ranks} ranks",
             "seconds": seconds, "peak_rss": peak, "model_bytes": weights,
             "rss_before": before, "compress_peak_extra": extra, "ranks": ranks,
@@ -231,7 +244,8 @@ def main(args) -> list[dict]:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:       # under torch.distributed.run
             td.init_process_group("gloo")
         try:
-            out = run_case(args.case_json[0], args.quick, _blocks(args.blocks))
+            out = run_case(args.case_json[0], args.quick, _blocks(args.blocks),
+                           args.calib_memory)
             if not td.is_initialized() or td.get_rank() == 0:
                 Path(args.case_json[1]).write_text(json.dumps(out))
         finally:
@@ -247,6 +261,8 @@ def main(args) -> list[dict]:
             cmd.append("--quick")
         if args.blocks:
             cmd += ["--blocks", args.blocks]
+        if args.calib_memory:
+            cmd += ["--calib-memory", repr(args.calib_memory / 2**20)]     # MiB again
         env = dict(os.environ)
         if args.ranks > 1:
             cmd = ["-m", "torch.distributed.run", "--standalone",
@@ -282,11 +298,21 @@ def add_parser(sub) -> None:
     p.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
     p.add_argument("--blocks", help="comma-separated BLAST block counts to offer instead of "
                                     "each case's own (e.g. 1,2,4)")
+    p.add_argument("--calib-memory", type=_mib, metavar="MiB",
+                   help="Config.calib_memory for every case, in MiB (data-aware cases: the "
+                        "calibration statistics held at once)")
     p.add_argument("--ranks", type=int, default=1, metavar="N",
                    help="run each case on N processes (torch.distributed, gloo), cores / N "
                         "threads each; they split the layers")
     p.add_argument("--case-json", nargs=2, metavar=("CASE", "PATH"), help=argparse_hidden())
     p.set_defaults(func=main, params=0.5)
+
+
+def _mib(text: str) -> int:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"--calib-memory must be > 0 MiB, got {text}")
+    return max(1, int(value * 2**20))
 
 
 def _blocks(text: Optional[str]) -> Optional[tuple]:

@@ -81,6 +81,12 @@ class Config:
     forward pass per layer on the first calibration batch, ``passes/sensitivity.py``) instead
     of by the layer's parameter count.
 
+    ``calib_memory``: with calibration data, the bytes of calibration statistics (per distinct
+    input of a layer: an ``n x n`` fp64 Gram and the held-out rows) held at once. When all the
+    layers' statistics fit they are recorded once; otherwise they are recorded in groups that
+    fit, each dropped after use, at the cost of more forward passes over the calibration
+    batches (each stops after its group's last layer). Llama-7B's come to ~44 GB in all.
+
     ``time_candidates``: time every candidate on this device instead of predicting its time
     with the roofline model (``compress(measure=True)`` is something else: it times the whole
     model, dense and compressed). ``measure=`` is its former name, still accepted (with a
@@ -102,6 +108,7 @@ class Config:
     estimate_steps: int = 10               # per estimate run (data-free: extrapolated)
     calib_blend: float = 0.0              # data-aware: share of the data-free objective
     sensitivity: bool = False             # data-aware: weigh layers by output sensitivity
+    calib_memory: int = 1 << 30           # data-aware: bytes of statistics held at once
     seed: int = 0
     device: Optional[str] = None          # device-table entry for the cost model; None: current
     time_candidates: bool = False         # time candidates on the device instead of estimating
@@ -131,7 +138,8 @@ class Config:
             if not _sequence(v) or not all(isinstance(g, str) for g in v):
                 _bad(name, "a glob string or a sequence of glob strings", getattr(self, name))
             object.__setattr__(self, name, tuple(v))
-        for name, low in (("min_params", 0), ("steps", 0), ("estimate_steps", 0)):
+        for name, low in (("min_params", 0), ("steps", 0), ("estimate_steps", 0),
+                          ("calib_memory", 1)):
             v = getattr(self, name)
             if not (_integer(v) and v >= low):
                 _bad(name, f"an integer >= {low}", v)

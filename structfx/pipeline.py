@@ -29,7 +29,7 @@ from .passes.factorize import Factorized, build_layer, layer_seed
 from .passes.match import LinearSite
 from .passes.select import Option, candidate_grid, select
 from .passes.sensitivity import output_sensitivity
-from .passes.calib_stats import CalibStats, StatsRecorder, calib_digest
+from .passes.calib_stats import CalibStats, RowDigest, StatsRecorder, stats_bytes
 from .passes.store import FactorStore, decision_settings
 
 
@@ -57,25 +57,56 @@ class Result:
 
 
 # ----------------------------------------------------------------------------- record
+class _Enough(Exception):
+    """Raised inside the interpreter once the last watched node has run."""
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph, hands every value of a watched node to ``take``, and stops after
+    ``last``. A module-level class: one defined inside ``_record`` would be a reference cycle
+    (a class refers to itself) holding ``take``'s closure, so the recorded statistics would
+    stay alive until the garbage collector ran."""
+
+    def __init__(self, gm: fx.GraphModule, watch, take, last):
+        super().__init__(gm)
+        self.watch, self.take, self.last = watch, take, last
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n in self.watch and isinstance(out, torch.Tensor):
+            self.take(n, out)
+        if n is self.last:
+            raise _Enough
+        return out
+
+
 def _record(gm: fx.GraphModule, sites: Sequence[LinearSite], batches: Sequence[Sequence],
             take) -> dict[fx.Node, list[str]]:
     """Run ``gm`` on ``batches``; ``take(node, value)`` for every value of a node some site
-    reads. Returns the watched nodes and the sites reading each."""
+    reads. Returns the watched nodes and the sites reading each. Each run stops after the
+    last watched node (in graph order): the rest of the graph can't change what was seen."""
     watch: dict[fx.Node, list[str]] = {}
     for s in sites:
         watch.setdefault(s.x, []).append(s.name)
-
-    class Rec(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n in watch and isinstance(out, torch.Tensor):
-                take(n, out)
-            return out
-
+    last = max((n for n in gm.graph.nodes if n in watch), key=_order(gm.graph).get,
+               default=None)
     with torch.no_grad():
         for batch in batches:
-            Rec(gm).run(*batch)
+            rec = _Recorder(gm, watch, take, last)
+            try:
+                rec.run(*batch)
+            except _Enough as stop:
+                # The traceback holds the interpreter's frames, one of which holds the
+                # exception: a cycle that would keep the batch's activations alive until
+                # the garbage collector runs.
+                stop.__traceback__ = None
+            finally:
+                rec.env.clear()
     return watch
+
+
+def _order(graph: fx.Graph) -> dict[fx.Node, int]:
+    return {n: i for i, n in enumerate(graph.nodes)}
 
 
 def record_inputs(gm: fx.GraphModule, sites: Sequence[LinearSite],
@@ -122,6 +153,91 @@ def record_stats(gm: fx.GraphModule, sites: Sequence[LinearSite],
     return out
 
 
+def record_digests(gm: fx.GraphModule, sites: Sequence[LinearSite],
+                   batches: Sequence[Sequence], max_rows: int = 8192
+                   ) -> dict[str, tuple[str, Optional[str]]]:
+    """``(digest, problem)`` of the rows each site sees (``RowDigest``: what ``record_stats``
+    would give as ``CalibStats.digest`` and as the rows' problem), without any Gram."""
+    recs: dict[fx.Node, RowDigest] = {}
+
+    def take(n, out):
+        rec = recs.get(n)
+        if rec is None:
+            rec = recs[n] = RowDigest(out.shape[-1], max_rows)
+        rec.add(out)
+
+    watch = _record(gm, sites, batches, take)
+    return {name: recs[node].finish() for node, names in watch.items() if node in recs
+            for name in names}
+
+
+class Calibration:
+    """The calibration statistics of the sites, recorded in groups whose statistics fit in
+    ``budget`` bytes (``Config.calib_memory``), so data-aware compression of a model whose
+    layers' Grams together exceed the memory still runs: each group is recorded (the forward
+    passes stop after the group's last input node), used and dropped. When every site's
+    statistics fit at once they are recorded once and kept for the whole run.
+
+    ``digests(sites)``: every site's rows' digest (for the decision memo), checking the rows;
+    ``each(sites)``: ``(site, CalibStats)`` in group order."""
+
+    def __init__(self, gm: fx.GraphModule, batches: Sequence[Sequence], budget: int,
+                 max_rows: int = 8192):
+        self.gm, self.batches, self.budget, self.max_rows = gm, batches, budget, max_rows
+        self.kept: dict[str, CalibStats] = {}
+        self.covered: set[str] = set()  # sites whose statistics ``kept`` holds (or that saw none)
+        self.recordings = 0            # forward passes over the calibration batches
+
+    def groups(self, sites: Sequence[LinearSite]) -> list[list[LinearSite]]:
+        """``sites`` cut into groups of input nodes (in graph order) whose statistics fit the
+        budget together; a node too large for it alone is a group of its own."""
+        order = _order(self.gm.graph)
+        by_node: dict[fx.Node, list[LinearSite]] = {}
+        for s in sites:
+            by_node.setdefault(s.x, []).append(s)
+        groups, size = [], 0
+        for node in sorted(by_node, key=order.get):
+            need = stats_bytes(by_node[node][0].in_features, self.max_rows)
+            if not groups or size + need > self.budget:
+                groups.append([])
+                size = 0
+            groups[-1].extend(by_node[node])
+            size += need
+        return groups
+
+    def digests(self, sites: Sequence[LinearSite]) -> dict[str, str]:
+        """Every site's calibration digest; a ``ValueError`` naming the layer when its rows
+        can't drive a factorization (non-finite, overflowing). Records all statistics (kept)
+        when they fit the budget at once, else only the digests."""
+        if len(self.groups(sites)) <= 1:
+            self.kept = record_stats(self.gm, sites, self.batches, self.max_rows)
+            self.covered = {s.name for s in sites}
+            self.recordings += 1
+            for name, st in self.kept.items():
+                checks.check_calibration(name, st)
+            return {name: st.digest for name, st in self.kept.items()}
+        found = record_digests(self.gm, sites, self.batches, self.max_rows)
+        self.recordings += 1
+        for name, (_, problem) in found.items():
+            if problem is not None:
+                raise ValueError(f"structfx: layer {name!r}: {problem}")
+        return {name: digest for name, (digest, _) in found.items()}
+
+    def each(self, sites: Sequence[LinearSite]):
+        """``(site, CalibStats or None)`` for every site, a group's statistics recorded just
+        before its sites and dropped after them (None: the site saw no rows)."""
+        if all(s.name in self.covered for s in sites):
+            for s in sites:
+                yield s, self.kept.get(s.name)
+            return
+        for group in self.groups(sites):
+            stats = record_stats(self.gm, group, self.batches, self.max_rows)
+            self.recordings += 1
+            for s in group:
+                yield s, stats.get(s.name)
+            del stats
+
+
 def _used_nodes(graph: fx.Graph) -> set:
     """Nodes whose value reaches the graph's output."""
     out = [n for n in graph.nodes if n.op == "output"]
@@ -165,36 +281,38 @@ def run(gm: fx.GraphModule, sites: list[LinearSite], config: Config, *,
     model = CostModel(profile, dtype=dtype, time_candidates=config.time_candidates)
     dense = {s.name: model.dense(s.out_features, s.in_features, s.tokens) for s in sites}
 
-    # name -> CalibStats (calibrated: estimates and factorizations fit them) or, below, the
-    # example rows (data-free: the reported output errors)
-    rows: dict = record_stats(gm, active, batches) if (batches and calibrated) else {}
-    for name, x in rows.items():     # broken calibration data is the caller's error
-        checks.check_calibration(name, x)
-    decisions = _recall(active, dense, model, config, store, rows)
+    # calibrated: the statistics estimates and factorizations fit, recorded within the
+    # memory budget; broken calibration data is the caller's error (raised here, up front)
+    calib = Calibration(gm, batches, config.calib_memory) if (batches and calibrated) else None
+    digests = calib.digests(active) if calib is not None and active else {}
+    decisions = _recall(active, dense, model, config, store, digests)
     if decisions is None:
         weights = None
         if config.sensitivity and calibrated and batches and active:
             # rank 0's: forward passes with other thread counts round differently
             weights = dist.first(lambda: _sensitivity(gm, active, batches[0], config))
-        decisions = _decide(active, dense, model, config, store, rows, reasons, dist, weights)
+        decisions = _decide(active, dense, model, config, store, calib, digests, dist, weights)
     chosen = [d for d in decisions.values() if d.replaced]
-    if not calibrated and chosen and batches:
-        rows = record_inputs(gm, [d.site for d in chosen], batches[:1])
+    # data-free: the example rows the reported output errors are measured on
+    example = (record_inputs(gm, [d.site for d in chosen], batches[:1])
+               if not calibrated and chosen and batches else {})
     layers: dict[str, Factorized] = {}
     failed: dict[str, str] = {}
     mine = dist.share(chosen, lambda d: d.site.out_features * d.site.in_features * d.chosen.rank
                       if d.chosen.structure == "blast" else d.site.out_features)
-    for d in tqdm(mine, desc="structfx: factorizing", leave=False,
-                  disable=not config.progress or not mine):
-        x = rows.get(d.site.name)
+    by_name = {d.site.name: d for d in mine}
+    stream = (calib.each([d.site for d in mine]) if calib is not None
+              else ((d.site, None) for d in mine))
+    for site, st in tqdm(stream, total=len(mine), desc="structfx: factorizing", leave=False,
+                         disable=not config.progress or not mine):
+        d = by_name[site.name]
         try:
-            layers[d.site.name] = build_layer(
-                d.site, d.chosen, config, store, calib=x if calibrated else None,
-                example_rows=None if calibrated else x)
+            layers[site.name] = build_layer(site, d.chosen, config, store, calib=st,
+                                            example_rows=example.get(site.name))
         except Exception as e:
             if config.strict:
                 raise
-            failed[d.site.name] = f"factorization failed: {_why(e)}"
+            failed[site.name] = f"factorization failed: {_why(e)}"
     if dist.world > 1:
         layers, failed = dist.gather_layers(layers, failed, {d.site.name: d for d in chosen},
                                             config, store)
@@ -223,16 +341,16 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {e}".splitlines()[0][:200]
 
 
-def _key(site: LinearSite, config: Config, store: FactorStore, rows: dict) -> tuple:
-    calib = rows.get(site.name)
+def _key(site: LinearSite, config: Config, store: FactorStore, digests: dict) -> tuple:
     return (store.weight_hash(site.linear_weight), decision_settings(config),
-            None if calib is None else calib_digest(calib))
+            digests.get(site.name))
 
 
-def _recall(active, dense, model: CostModel, config: Config, store: FactorStore, rows: dict):
+def _recall(active, dense, model: CostModel, config: Config, store: FactorStore,
+            digests: dict):
     """Earlier decisions for every active site (same weights, same decision settings, same
     calibration rows), re-costed at this graph's token counts; None unless all are there."""
-    found = [store.decisions.get(_key(s, config, store, rows)) for s in active]
+    found = [store.decisions.get(_key(s, config, store, digests)) for s in active]
     if not active or any(f is None for f in found):
         return None
     out = {}
@@ -250,7 +368,7 @@ def _recall(active, dense, model: CostModel, config: Config, store: FactorStore,
 
 
 def _decide(active, dense, model: CostModel, config: Config, store: FactorStore,
-            rows: dict, reasons: dict, dist: "_Dist",
+            calib: Optional[Calibration], digests: dict, dist: "_Dist",
             weights: Optional[dict] = None) -> dict[str, Decision]:
     # rank 0's grids: timed candidates (time_candidates=True) differ between the ranks
     work = list(zip(active, dist.first(lambda: [
@@ -265,15 +383,18 @@ def _decide(active, dense, model: CostModel, config: Config, store: FactorStore,
         if len(cands) == 1:
             priced[s.name] = (s, cands, [Estimate(0.0, None)],
                               "no candidate predicted faster than dense")
-    for s, cands in todo:
-        calib = rows.get(s.name)
+    grid = {s.name: cands for s, cands in todo}
+    stream = (calib.each([s for s, _ in todo]) if calib is not None
+              else ((s, None) for s, _ in todo))
+    for s, st in stream:
+        cands = grid[s.name]
         try:
             key = (store.weight_hash(s.linear_weight), repr([c.describe() for c in cands]),
                    config.estimate_steps, config.seed, config.calib_blend,
-                   None if calib is None else calib_digest(calib))
+                   digests.get(s.name))
             ests = store.estimate(repr(key), lambda: estimate_candidates(
                 s.linear_weight, cands, seed=config.seed, steps=config.estimate_steps,
-                ss1_seed=layer_seed(config.seed, s.name), calib=calib,
+                ss1_seed=layer_seed(config.seed, s.name), calib=st,
                 blend=config.calib_blend))
             priced[s.name] = (s, cands, ests, None)
         except Exception as e:
@@ -301,7 +422,7 @@ def _decide(active, dense, model: CostModel, config: Config, store: FactorStore,
             reason = why or (None if k else "kept dense by the budget")
             out[s.name] = Decision(s, cands[0], cands[k], ests[k] if k else None, reason)
     for d in out.values():
-        store.decisions[_key(d.site, config, store, rows)] = d
+        store.decisions[_key(d.site, config, store, digests)] = d
     return out
 
 

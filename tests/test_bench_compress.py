@@ -55,3 +55,11 @@ def test_ranks_run_the_case_under_torch_distributed(tmp_path, capsys):
     assert r["factorizations"] == r["replaced"] <= r["estimations"] <= 3
     assert json.loads(out.read_text())[0]["ranks"] == 2
     assert "mlp, 2 ranks" in capsys.readouterr().out
+
+
+def test_quick_data_aware_llama_case_with_a_statistics_budget():
+    r = bc.run_case("llama-aware", quick=True, calib_memory=1)
+    assert r["case"] == "llama-aware (calib_memory 9.53674e-07 MiB)"
+    assert r["layers"] == 8 and r["factorizations"] == r["replaced"] >= 1
+    for e in r["estimates"]:     # data-aware low rank: the estimate is the final (exact)
+        assert e["relative"] == pytest.approx(0.0, abs=1e-6)

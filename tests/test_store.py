@@ -32,7 +32,7 @@ def test_every_decision_field_changes_the_decision_key():
         assert decision_settings(CFG.replace(**{name: _OTHER[name]})) != base, name
     for name in NOT_DECISIONS & {f.name for f in dataclasses.fields(Config)}:
         value = {"report": True, "progress": True, "strict": True, "on_stale": "raise",
-                 "cache_dir": "/tmp/x"}.get(name)
+                 "cache_dir": "/tmp/x", "calib_memory": 12345}.get(name)
         if value is not None:
             assert decision_settings(CFG.replace(**{name: value})) == base, name
 
