@@ -8,7 +8,8 @@ Names follow the spec: ``W`` is ``(K, N)`` (in_features, out_features), ``P`` is
 """
 from __future__ import annotations
 
-import functools
+import threading
+from collections import OrderedDict
 
 import torch
 
@@ -62,6 +63,49 @@ def check_config(K: int, N: int, c: int, block_k: int, block_n: int) -> None:
         raise ValueError(f"SS1 block_n must be >= 1, got {block_n}")
 
 
+# Caches bounded by bytes, not by count. ``weight_index`` is int64 (K, N), twice a layer's
+# fp32 weight bytes, and only the projection reads it: 64 cached entries held ~150 MB after
+# estimating MiniLM's SS1 candidates and would hold gigabytes for a large model (every layer
+# has its own seed, so entries are reused only between a layer's estimate and its final,
+# far apart). ``sketch_index`` is 1/64 of the entries and every SS1 forward on the CPU path
+# reads it: 128 MiB keeps those of 4 GB of SS1 weights.
+CACHE_BYTES = 128 << 20
+WEIGHT_INDEX_BYTES = 16 << 20
+
+
+class _IndexCache:
+    """Least-recently-used cache of index tensors, at most ``limit`` bytes (the newest entry is
+    always kept, however large)."""
+
+    def __init__(self, build, limit: int = CACHE_BYTES):
+        self.build, self.limit = build, limit
+        self.entries: OrderedDict = OrderedDict()
+        self.bytes = 0
+        self.lock = threading.Lock()
+        self.__doc__ = build.__doc__
+
+    def __call__(self, *key) -> torch.Tensor:
+        with self.lock:
+            hit = self.entries.get(key)
+            if hit is not None:
+                self.entries.move_to_end(key)
+                return hit
+        value = self.build(*key)
+        with self.lock:
+            if key not in self.entries:
+                self.entries[key] = value
+                self.bytes += value.numel() * value.element_size()
+            while len(self.entries) > 1 and self.bytes > self.limit:
+                _, old = self.entries.popitem(last=False)
+                self.bytes -= old.numel() * old.element_size()
+            return self.entries.get(key, value)
+
+    def cache_clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+            self.bytes = 0
+
+
 def rotation(t, u, j, coeffs: tuple[int, int, int, int], block_k: int):
     """``s(t, u, j)``: the cyclic rotation of chunk ``i = t*c + u`` in column block ``j``.
 
@@ -70,8 +114,7 @@ def rotation(t, u, j, coeffs: tuple[int, int, int, int], block_k: int):
     return (VEC * (R3 + R2 * j + R1 * (t + 1) + R0 * (u + 1))) % block_k
 
 
-@functools.lru_cache(maxsize=64)
-def _weight_index(K: int, N: int, c: int, seed: int, block_k: int, block_n: int) -> torch.Tensor:
+def _weight_index_build(K: int, N: int, c: int, seed: int, block_k: int, block_n: int) -> torch.Tensor:
     K_red = reduced_k(K, c, block_k)
     coeffs = hash_coeffs(seed)
     k = torch.arange(K).view(K, 1)
@@ -81,6 +124,9 @@ def _weight_index(K: int, N: int, c: int, seed: int, block_k: int, block_n: int)
     s = rotation(t, u, n // block_n, coeffs, block_k)
     col = t * block_k + (v - s) % block_k
     return n * K_red + col  # (K, N), flat index into P (N, K_red)
+
+
+_weight_index = _IndexCache(_weight_index_build, WEIGHT_INDEX_BYTES)
 
 
 def weight_index(K: int, N: int, c: int, seed: int, block_k: int = DEFAULT_BLOCK_K,
@@ -98,8 +144,7 @@ def dense_weight(P: torch.Tensor, K: int, c: int, seed: int, block_k: int = DEFA
     return P.reshape(-1)[idx]
 
 
-@functools.lru_cache(maxsize=64)
-def _sketch_index(K: int, N: int, c: int, seed: int, block_k: int, block_n: int) -> torch.Tensor:
+def _sketch_index_build(K: int, N: int, c: int, seed: int, block_k: int, block_n: int) -> torch.Tensor:
     K_red = reduced_k(K, c, block_k)
     coeffs = hash_coeffs(seed)
     n_blocks = -(-N // block_n)
@@ -110,6 +155,9 @@ def _sketch_index(K: int, N: int, c: int, seed: int, block_k: int, block_n: int)
     s = rotation(t, u, j, coeffs, block_k)
     k = (t * c + u) * block_k + (w + s) % block_k
     return torch.where(k < K, k, K)  # K points at a zero column appended to x
+
+
+_sketch_index = _IndexCache(_sketch_index_build)
 
 
 def sketch_index(K: int, N: int, c: int, seed: int, block_k: int = DEFAULT_BLOCK_K,

@@ -136,3 +136,18 @@ def test_recorded_statistics_are_freed_without_the_garbage_collector():
         assert all(g() is None for g in grams)
     finally:
         gc.enable()
+
+
+def test_ss1_index_cache_is_bounded_by_bytes(monkeypatch):
+    from structfx.kernels import ss1_hash
+
+    cache = ss1_hash._IndexCache(ss1_hash._weight_index_build, limit=3 * 256 * 128 * 8)
+    first = cache(256, 128, 2, 1, 32, 64)
+    assert cache(256, 128, 2, 1, 32, 64) is first                    # a hit
+    for seed in range(2, 7):
+        cache(256, 128, 2, seed, 32, 64)
+    assert len(cache.entries) == 3 and cache.bytes == 3 * 256 * 128 * 8
+    assert (256, 128, 2, 1, 32, 64) not in cache.entries             # least recent went first
+    torch.testing.assert_close(cache(256, 128, 2, 1, 32, 64), first)  # rebuilt the same
+    big = ss1_hash._IndexCache(ss1_hash._weight_index_build, limit=1)
+    assert big(256, 128, 2, 1, 32, 64).shape == (256, 128) and len(big.entries) == 1
