@@ -102,11 +102,17 @@ class RowDigest:
 
 class StatsRecorder:
     """Accumulates one ``CalibStats`` from row chunks ``(..., n)``; rows past ``max_rows`` are
-    ignored. The digest and the split depend on the rows alone, not on how they were chunked."""
+    ignored. The digest and the split depend on the rows alone, not on how they were chunked.
 
-    def __init__(self, in_features: int, max_rows: Optional[int] = None):
+    ``scratch``: a dict the recorders of one recording share, holding one ``n x n`` buffer
+    per width and dtype for the chunk products (each product was two fresh ``n x n``
+    temporaries, which left the allocator holding more than the Grams themselves)."""
+
+    def __init__(self, in_features: int, max_rows: Optional[int] = None,
+                 scratch: Optional[dict] = None):
         self.n = in_features
         self.max_rows = max_rows
+        self.scratch = {} if scratch is None else scratch
         self.seen = 0
         self.gram = torch.zeros(in_features, in_features, dtype=torch.float64)
         self.held: list[Tensor] = []
@@ -141,9 +147,14 @@ class StatsRecorder:
             w = fit if fit.dtype in (torch.float32, torch.float64) else fit.float()
             if big > _FP32_SAFE:                         # squares would overflow fp32
                 w = w.double()
+            buf = self.scratch.get((self.n, w.dtype))
+            if buf is None:
+                buf = self.scratch[(self.n, w.dtype)] = torch.empty(self.n, self.n,
+                                                                    dtype=w.dtype)
             for i in range(0, w.shape[0], _GEMM_ROWS):   # short sums in w's dtype, total in fp64
                 c = w[i:i + _GEMM_ROWS]
-                self.gram += (c.mT @ c).double()
+                torch.mm(c.mT, c, out=buf)
+                self.gram += buf
         if held.any():
             self.held.append(x[held])
         self.last = x[-1:]

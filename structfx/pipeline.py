@@ -136,11 +136,12 @@ def record_stats(gm: fx.GraphModule, sites: Sequence[LinearSite],
     first ``max_rows`` rows), streamed: per distinct input node an ``n x n`` Gram and the
     held-out rows, never the full activations. Sites reading the same node share them."""
     recs: dict[fx.Node, StatsRecorder] = {}
+    scratch: dict = {}             # the recorders' shared product buffers, freed on return
 
     def take(n, out):
         rec = recs.get(n)
         if rec is None:
-            rec = recs[n] = StatsRecorder(out.shape[-1], max_rows)
+            rec = recs[n] = StatsRecorder(out.shape[-1], max_rows, scratch)
         rec.add(out)
 
     watch = _record(gm, sites, batches, take)
