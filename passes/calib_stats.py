@@ -59,32 +59,53 @@ def stats_bytes(in_features: int, max_rows: int, itemsize: int = 4) -> int:
     return in_features * in_features * 8 + held * in_features * itemsize
 
 
-class RowDigest:
+class _RowStream:
+    """What ``RowDigest`` and ``StatsRecorder`` share: the row cap, the width check, the
+    problem check and the digest of the rows in stream order."""
+
+    def __init__(self, in_features: int, max_rows: Optional[int]):
+        self.n = in_features
+        self.max_rows = max_rows
+        self.seen = 0
+        self.max_abs = 0.0
+        self.hash = hashlib.blake2b(digest_size=16)
+        self.problem: Optional[str] = None
+
+    def full(self) -> bool:
+        return self.max_rows is not None and self.seen >= self.max_rows
+
+    def _take(self, x: Tensor) -> Optional[Tensor]:
+        """The chunk's rows still wanted, ``(k, n)``, contiguous on the CPU and hashed; None
+        when there are none."""
+        if self.full():
+            return None
+        x = x.detach().reshape(-1, x.shape[-1])
+        if self.max_rows is not None:
+            x = x[: self.max_rows - self.seen]
+        if x.shape[-1] != self.n:
+            raise ValueError(f"calibration rows must have last dim {self.n}, got {x.shape[-1]}")
+        if not x.shape[0]:
+            return None
+        if self.problem is None:
+            self.problem = calibration_problem(x, gram_dtype=None)
+        x = x.cpu().contiguous()
+        _hash_rows(self.hash, x, first=not self.seen)
+        return x
+
+
+class RowDigest(_RowStream):
     """What ``StatsRecorder`` would say about a stream of rows without keeping its Gram: the
     digest (the same one) and the rows' problem (non-finite, or a Gram that would overflow
     fp32, from the columns' sums of squares), in ``O(n)`` memory."""
 
     def __init__(self, in_features: int, max_rows: Optional[int] = None):
-        self.n = in_features
-        self.max_rows = max_rows
-        self.seen = 0
+        super().__init__(in_features, max_rows)
         self.squares = torch.zeros(in_features, dtype=torch.float64)
-        self.max_abs = 0.0
-        self.hash = hashlib.blake2b(digest_size=16)
-        self.problem: Optional[str] = None
 
     def add(self, x: Tensor) -> None:
-        if self.max_rows is not None and self.seen >= self.max_rows:
+        x = self._take(x)
+        if x is None:
             return
-        x = x.detach().reshape(-1, x.shape[-1])
-        if self.max_rows is not None:
-            x = x[: self.max_rows - self.seen]
-        if not x.shape[0]:
-            return
-        if self.problem is None:
-            self.problem = calibration_problem(x, gram_dtype=None)
-        x = x.cpu().contiguous()
-        _hash_rows(self.hash, x, first=not self.seen)
         if self.problem is None:
             self.max_abs = max(self.max_abs, float(x.abs().max()))
             self.squares += x.double().pow(2).sum(0)
@@ -100,7 +121,7 @@ class RowDigest:
         return self.hash.hexdigest(), problem
 
 
-class StatsRecorder:
+class StatsRecorder(_RowStream):
     """Accumulates one ``CalibStats`` from row chunks ``(..., n)``; rows past ``max_rows`` are
     ignored. The digest and the split depend on the rows alone, not on how they were chunked.
 
@@ -110,34 +131,16 @@ class StatsRecorder:
 
     def __init__(self, in_features: int, max_rows: Optional[int] = None,
                  scratch: Optional[dict] = None):
-        self.n = in_features
-        self.max_rows = max_rows
+        super().__init__(in_features, max_rows)
         self.scratch = {} if scratch is None else scratch
-        self.seen = 0
         self.gram = torch.zeros(in_features, in_features, dtype=torch.float64)
         self.held: list[Tensor] = []
         self.last: Optional[Tensor] = None
-        self.max_abs = 0.0
-        self.hash = hashlib.blake2b(digest_size=16)
-        self.problem: Optional[str] = None
-
-    def full(self) -> bool:
-        return self.max_rows is not None and self.seen >= self.max_rows
 
     def add(self, x: Tensor) -> None:
-        if self.full():
+        x = self._take(x)
+        if x is None:
             return
-        x = x.detach().reshape(-1, x.shape[-1])
-        if self.max_rows is not None:
-            x = x[: self.max_rows - self.seen]
-        if x.shape[-1] != self.n:
-            raise ValueError(f"calibration rows must have last dim {self.n}, got {x.shape[-1]}")
-        if not x.shape[0]:
-            return
-        if self.problem is None:
-            self.problem = calibration_problem(x, gram_dtype=None)
-        x = x.cpu().contiguous()
-        _hash_rows(self.hash, x, first=not self.seen)
         held = (torch.arange(self.seen, self.seen + x.shape[0]) % HOLDOUT_EVERY
                 == HOLDOUT_EVERY - 1)
         if self.problem is None:
