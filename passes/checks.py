@@ -73,7 +73,11 @@ def check_calibration(name: str, x: torch.Tensor,
                       gram_dtype: Optional[torch.dtype] = torch.float32) -> None:
     """Raise ``ValueError("structfx: layer '<name>': <problem>")`` if ``x`` (the inputs layer
     ``name`` saw) can't drive a data-aware factorization."""
-    problem = calibration_problem(x, gram_dtype)
+    raise_layer_problem(name, calibration_problem(x, gram_dtype))
+
+
+def raise_layer_problem(name: str, problem: Optional[str]) -> None:
+    """``ValueError("structfx: layer '<name>': <problem>")`` unless ``problem`` is None."""
     if problem is not None:
         raise ValueError(f"structfx: layer {name!r}: {problem}")
 

@@ -88,8 +88,7 @@ def _record(gm: fx.GraphModule, sites: Sequence[LinearSite], batches: Sequence[S
     watch: dict[fx.Node, list[str]] = {}
     for s in sites:
         watch.setdefault(s.x, []).append(s.name)
-    last = max((n for n in gm.graph.nodes if n in watch), key=_order(gm.graph).get,
-               default=None)
+    last = next((n for n in reversed(gm.graph.nodes) if n in watch), None)
     with torch.no_grad():
         for batch in batches:
             rec = _Recorder(gm, watch, take, last)
@@ -103,10 +102,6 @@ def _record(gm: fx.GraphModule, sites: Sequence[LinearSite], batches: Sequence[S
             finally:
                 rec.env.clear()
     return watch
-
-
-def _order(graph: fx.Graph) -> dict[fx.Node, int]:
-    return {n: i for i, n in enumerate(graph.nodes)}
 
 
 def record_inputs(gm: fx.GraphModule, sites: Sequence[LinearSite],
@@ -130,21 +125,29 @@ def record_inputs(gm: fx.GraphModule, sites: Sequence[LinearSite],
     return out
 
 
+def _record_streams(gm: fx.GraphModule, sites: Sequence[LinearSite],
+                    batches: Sequence[Sequence], make) -> tuple[dict, dict]:
+    """``_record`` feeding every watched node's values to a recorder of its own,
+    ``make(in_features)`` (``StatsRecorder``, ``RowDigest``): ``(watch, {node: recorder})``."""
+    recs: dict = {}
+
+    def take(n, out):
+        rec = recs.get(n)
+        if rec is None:
+            rec = recs[n] = make(out.shape[-1])
+        rec.add(out)
+
+    return _record(gm, sites, batches, take), recs
+
+
 def record_stats(gm: fx.GraphModule, sites: Sequence[LinearSite],
                  batches: Sequence[Sequence], max_rows: int = 8192) -> dict[str, CalibStats]:
     """``CalibStats`` of the input rows each site sees when ``gm`` runs on ``batches`` (the
     first ``max_rows`` rows), streamed: per distinct input node an ``n x n`` Gram and the
     held-out rows, never the full activations. Sites reading the same node share them."""
-    recs: dict[fx.Node, StatsRecorder] = {}
     scratch: dict = {}             # the recorders' shared product buffers, freed on return
-
-    def take(n, out):
-        rec = recs.get(n)
-        if rec is None:
-            rec = recs[n] = StatsRecorder(out.shape[-1], max_rows, scratch)
-        rec.add(out)
-
-    watch = _record(gm, sites, batches, take)
+    watch, recs = _record_streams(gm, sites, batches,
+                                  lambda n: StatsRecorder(n, max_rows, scratch))
     out = {}
     for node, names in watch.items():
         if node in recs and recs[node].seen:
@@ -159,15 +162,7 @@ def record_digests(gm: fx.GraphModule, sites: Sequence[LinearSite],
                    ) -> dict[str, tuple[str, Optional[str]]]:
     """``(digest, problem)`` of the rows each site sees (``RowDigest``: what ``record_stats``
     would give as ``CalibStats.digest`` and as the rows' problem), without any Gram."""
-    recs: dict[fx.Node, RowDigest] = {}
-
-    def take(n, out):
-        rec = recs.get(n)
-        if rec is None:
-            rec = recs[n] = RowDigest(out.shape[-1], max_rows)
-        rec.add(out)
-
-    watch = _record(gm, sites, batches, take)
+    watch, recs = _record_streams(gm, sites, batches, lambda n: RowDigest(n, max_rows))
     return {name: recs[node].finish() for node, names in watch.items() if node in recs
             for name in names}
 
@@ -192,12 +187,11 @@ class Calibration:
     def groups(self, sites: Sequence[LinearSite]) -> list[list[LinearSite]]:
         """``sites`` cut into groups of input nodes (in graph order) whose statistics fit the
         budget together; a node too large for it alone is a group of its own."""
-        order = _order(self.gm.graph)
         by_node: dict[fx.Node, list[LinearSite]] = {}
         for s in sites:
             by_node.setdefault(s.x, []).append(s)
         groups, size = [], 0
-        for node in sorted(by_node, key=order.get):
+        for node in (n for n in self.gm.graph.nodes if n in by_node):
             need = stats_bytes(by_node[node][0].in_features, self.max_rows)
             if not groups or size + need > self.budget:
                 groups.append([])
@@ -220,8 +214,7 @@ class Calibration:
         found = record_digests(self.gm, sites, self.batches, self.max_rows)
         self.recordings += 1
         for name, (_, problem) in found.items():
-            if problem is not None:
-                raise ValueError(f"structfx: layer {name!r}: {problem}")
+            checks.raise_layer_problem(name, problem)
         return {name: digest for name, (digest, _) in found.items()}
 
     def each(self, sites: Sequence[LinearSite]):
