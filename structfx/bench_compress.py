@@ -241,16 +241,26 @@ def main(args) -> list[dict]:
     if args.case_json:                      # the child: one case, numbers to a file
         import torch.distributed as td
 
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:       # under torch.distributed.run
+        ranked = int(os.environ.get("WORLD_SIZE", "1")) > 1   # under torch.distributed.run
+        if ranked:
             td.init_process_group("gloo")
         try:
             out = run_case(args.case_json[0], args.quick, _blocks(args.blocks),
                            args.calib_memory)
             if not td.is_initialized() or td.get_rank() == 0:
                 Path(args.case_json[1]).write_text(json.dumps(out))
+            if ranked:
+                td.barrier()        # every rank past its last collective before any tears down
         finally:
             if td.is_initialized():
                 td.destroy_process_group()
+        if ranked:
+            # The work is done and written. Gloo's threads can still abort the interpreter's own
+            # teardown now and then (SIGABRT, "terminate called without an active exception"),
+            # which torch.distributed.run reports as the case failing: end the process here.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         return [out]
     cases = args.cases.split(",") if args.cases else list(CASES)
     results = []
